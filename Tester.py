@@ -1,0 +1,130 @@
+"""Generate every test sequence from its first frame and poses: GIFs, submission.csv, and PSNR
+against ground truth when the dataset has it.
+
+    python Tester.py --ckpt_path runs/xxx/best.ckpt [--DR data/dance] [--save_root out/]
+
+The model is rebuilt from the checkpoint (no need to repeat its dims). Output is the same on every
+run for a given --seed.
+"""
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from dataloader import DataError, TestSequences
+from modules import VAE_Model
+from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args
+from modules.metrics import psnr
+from modules.options import ConfigError, check_tester, tester_parser
+from modules.runtime import prepare_model, resolve_speed, rollout, to_float
+from modules.visualize import save_gif, save_psnr_plot, to_uint8
+
+
+def write_submission(path, videos):
+    """The course's Kaggle format: a header `id,0,...,6143`, then one row per frame (sequences in
+    order, row 0 of each the given first frame): id, then round(x * 255) of the (3, H, W) frame
+    flattened in C order."""
+    rows = torch.cat([v.float().clamp(0, 1).mul(255).round().to(torch.uint8).flatten(1) for v in videos])
+    rows = rows.numpy().astype(np.int64)
+    table = np.concatenate([np.arange(len(rows))[:, None], rows], axis=1)
+    header = "id," + ",".join(str(i) for i in range(rows.shape[1]))
+    tmp = f"{path}.tmp"
+    np.savetxt(tmp, table, fmt="%d", delimiter=",", header=header, comments="")
+    os.replace(tmp, path)
+    return table.shape
+
+
+def load_model(path, args):
+    """The checkpoint's model, rebuilt from the dims stored in it (or read off its weights)."""
+    ckpt = load_checkpoint(path)
+    margs = model_args(ckpt)
+    for k in ("frame_H", "frame_W"):
+        if margs.get(k) not in (None, getattr(args, k)):
+            print(f"note: the checkpoint was trained at --{k} {margs[k]}; testing at {getattr(args, k)}")
+    model = VAE_Model(margs["F_dim"], margs["L_dim"], margs["N_dim"], margs["D_out_dim"], prior=margs["prior"])
+    load_model_weights(model, ckpt, path)
+    return model.eval(), margs
+
+
+def run(args):
+    speed = resolve_speed(args)
+    model, margs = load_model(args.ckpt_path, args)
+    prepare_model(model, speed)
+    save_root = args.save_root or os.path.join(os.path.dirname(os.path.abspath(args.ckpt_path)), "test")
+    os.makedirs(save_root, exist_ok=True)
+    seqs = TestSequences(args.DR, args.frame_H, args.frame_W, test_len=args.test_len, cache=not args.no_cache)
+    H, W, L, K = args.frame_H, args.frame_W, args.test_len, args.num_samples
+    print(f"Generating {len(seqs)} sequence(s) x {K} sample(s) x {L} frames on {speed.device} "
+          f"(prior {margs['prior']}, z_mode {args.z_mode}, seed {args.seed})", flush=True)
+
+    # One noise draw for everything, from a CPU generator: the same z on any device.
+    g = torch.Generator().manual_seed(args.seed)
+    jobs = [(k, s) for k in range(len(seqs)) for s in range(K)]
+    eps_all = model.sample_noise(len(jobs), L, H, W, generator=g)  # (L-1, jobs, N, H, W)
+    preds = {}
+    t0 = time.time()
+    for lo in range(0, len(jobs), args.batch_size):
+        batch = jobs[lo:lo + args.batch_size]
+        first = torch.stack([seqs[k]["first"] for k, _ in batch])
+        labels = torch.stack([seqs[k]["labels"] for k, _ in batch])
+        out = rollout(model, to_float(first, speed), to_float(labels, speed),
+                      eps_all[:, lo:lo + len(batch)].to(speed.device), speed, args.z_mode)
+        for j, job in enumerate(batch):
+            preds[job] = out[j].cpu()
+    if speed.device.type == "cuda":
+        torch.cuda.synchronize()
+    gen_s = time.time() - t0
+    print(f"Generated {len(jobs) * (L - 1)} frames in {gen_s:.2f} s ({len(jobs) * (L - 1) / gen_s:.0f} frames/s)")
+
+    videos = [preds[(k, 0)] for k in range(len(seqs))]
+    shape = write_submission(os.path.join(save_root, "submission.csv"), videos)
+    if not args.no_gif:
+        for k, seq in enumerate(seqs):
+            save_gif(videos[k], os.path.join(save_root, f"pred_seq{seq['name']}.gif"))
+            save_gif(seq["labels"].float() / 255, os.path.join(save_root, f"pose_seq{seq['name']}.gif"))
+
+    results = {"sequences": [], "generation_s": gen_s, "args": {k: v for k, v in vars(args).items()
+                                                                 if isinstance(v, (int, float, str, bool, type(None)))}}
+    if all(seq["gt"] is not None for seq in seqs):
+        print(f"\n{'seq':>6} | {'PSNR':>7} | {'best-of-%d' % K if K > 1 else '':>9} | copy-first")
+        curves = {}
+        for k, seq in enumerate(seqs):
+            gt = seq["gt"].float() / 255
+            per_sample = torch.stack([psnr(preds[(k, s)][1:], gt[1:]) for s in range(K)])  # (K, L-1)
+            copy = psnr(gt[:1].expand(L - 1, -1, -1, -1), gt[1:])
+            row = {"name": seq["name"], "psnr": per_sample.mean().item(),
+                   "best_of_k_psnr": per_sample.mean(1).max().item(), "copy_first_psnr": copy.mean().item(),
+                   "psnr_per_frame": per_sample.mean(0).tolist()}
+            results["sequences"].append(row)
+            curves[f"seq {seq['name']}"] = row["psnr_per_frame"]
+            best = f"{row['best_of_k_psnr']:9.3f}" if K > 1 else " " * 9
+            print(f"{seq['name']:>6} | {row['psnr']:7.3f} | {best} | {row['copy_first_psnr']:7.3f}")
+        for key in ("psnr", "best_of_k_psnr", "copy_first_psnr"):
+            results[key] = float(np.mean([r[key] for r in results["sequences"]]))
+        best = f"{results['best_of_k_psnr']:9.3f}" if K > 1 else " " * 9
+        print(f"{'avg':>6} | {results['psnr']:7.3f} | {best} | {results['copy_first_psnr']:7.3f}")
+        if K > 1:
+            print("(best-of-K picks the sample closest to the truth: an oracle metric, not a prediction score)")
+        save_psnr_plot(curves, os.path.join(save_root, "psnr_per_frame.png"), "Test PSNR per frame")
+    with open(os.path.join(save_root, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nWrote {save_root}/submission.csv ({shape[0]} rows x {shape[1]} columns)"
+          + ("" if args.no_gif else f" and pred_seq*.gif"), flush=True)
+    return 0
+
+
+def main(argv=None):
+    args = tester_parser().parse_args(argv)
+    try:
+        check_tester(args)
+        return run(args)
+    except (ConfigError, DataError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

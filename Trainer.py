@@ -1,0 +1,280 @@
+"""Train the pose-conditioned video VAE.
+
+    python Trainer.py                                   # embedded dataset, lab defaults
+    python Trainer.py --DR path/to/lab/data --save_root runs/lab
+    python Trainer.py --resume runs/lab                 # continue where it stopped
+    torchrun --nproc_per_node=4 Trainer.py ...          # several GPUs
+
+`python Trainer.py --help` lists every flag.
+"""
+import glob
+import json
+import os
+import signal
+import sys
+import time
+
+import torch
+
+from dataloader import DataError, TrainWindows
+from modules import VAE_Model
+from modules import distributed
+from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,
+                                load_model_weights, rng_state, save_checkpoint, set_rng_state)
+from modules.engine import TrainingDiverged, WindowBatches, epoch_settings, train_one_epoch, validate
+from modules.options import ConfigError, check_trainer, trainer_parser
+from modules.runtime import prepare_model, resolve_speed
+from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side
+
+DEFAULT_DR = "data/dance"
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM set a flag the loop checks between steps; a second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal = None
+
+    def install(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested, self.signal = True, signal.Signals(signum).name
+        print(f"\n{self.signal} received: finishing this step and writing a checkpoint "
+              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+
+def build_model(args):
+    return VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior)
+
+
+def build_optimizer(model, args, speed):
+    cls = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "Adamax": torch.optim.Adamax}[args.optim]
+    kw = dict(lr=args.lr, weight_decay=args.weight_decay)
+    if speed.device.type == "cuda" and args.optim in ("Adam", "AdamW"):
+        kw["fused"] = True  # one kernel for the whole update
+    return cls(model.parameters(), **kw)
+
+
+def find_resume_checkpoint(save_root):
+    """The newest checkpoint of a run folder: last.ckpt, else the newest epoch_*.ckpt."""
+    last = os.path.join(save_root, "last.ckpt")
+    if os.path.isfile(last):
+        return last
+    found = sorted(glob.glob(os.path.join(save_root, "*.ckpt")), key=os.path.getmtime)
+    if not found:
+        raise ConfigError(f"--resume {save_root}: no checkpoint (*.ckpt) in that folder")
+    return found[-1]
+
+
+def plan_save_root(args):
+    """Decide where the run writes and which checkpoint (if any) it resumes from."""
+    if args.resume:
+        if not os.path.isdir(args.resume):
+            raise ConfigError(f"--resume {args.resume}: no such folder")
+        args.save_root = args.resume
+        args.ckpt_path = find_resume_checkpoint(args.resume)
+    elif args.ckpt_path and args.save_root is None:
+        # Resuming a checkpoint continues its run folder.
+        args.save_root = os.path.dirname(os.path.abspath(args.ckpt_path))
+    elif args.save_root is None:
+        args.save_root = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    elif not args.ckpt_path and not args.overwrite and glob.glob(os.path.join(args.save_root, "*.ckpt")):
+        raise ConfigError(f"--save_root {args.save_root} already holds checkpoints: resume it with "
+                          f"--resume {args.save_root}, choose another --save_root, or pass --overwrite")
+    try:
+        os.makedirs(args.save_root, exist_ok=True)
+        probe = os.path.join(args.save_root, f".write_test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"--save_root {args.save_root} is not writable ({e.strerror}); choose another folder") from None
+
+
+def ensure_dataset(args, d):
+    if os.path.exists(args.DR) or args.DR != DEFAULT_DR:
+        return
+    if d.is_main:
+        from scripts.make_dance_data import make_dataset
+        print(f"No dataset at {args.DR}: generating the embedded procedural dance dataset there "
+              "(once; about 2 minutes on 2 cores).", flush=True)
+        make_dataset(args.DR)
+    d.barrier()
+
+
+def plain_args(args):
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
+
+
+def make_state(model, optimizer, args, epoch, progress, best_psnr, nan_skipped):
+    beta, tfr, _ = epoch_settings(min(epoch, args.num_epoch - 1), args)
+    return {
+        "format": FORMAT, "version": VERSION,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        # The learning rate is a pure function of (epoch, step) (modules/schedules.lr_factor).
+        "scheduler": {"name": args.scheduler, "lr": optimizer.param_groups[0]["lr"]},
+        "epoch": epoch,               # epochs finished (or the epoch in progress when progress is set)
+        "progress": progress,         # mid-epoch position, or None at an epoch boundary
+        "best_psnr": best_psnr, "tfr": tfr, "beta": beta, "nan_skipped": nan_skipped,
+        "rng": rng_state(), "args": plain_args(args), "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def log_epoch(writer, row, val):
+    e = row["epoch"]
+    for k in ("loss", "mse", "l1", "kl", "beta", "tfr", "lr"):
+        if k in row:
+            writer.add_scalar(f"train/{k}", row[k], e)
+    if val is not None:
+        writer.add_scalar("val/psnr", val["psnr"], e)
+        writer.add_scalar("val/loss", val["loss"], e)
+        writer.add_figure("val/psnr_per_frame", psnr_figure({"val": val["psnr_per_frame"]}), e)
+        L = val["pred"].shape[0]
+        picks = torch.linspace(1, L - 1, min(8, L - 1)).long()
+        writer.add_images("val/pred_vs_truth", side_by_side(val["pred"][picks], val["gt"][picks]).clamp(0, 1), e)
+    writer.flush()
+
+
+def run(args):
+    d = distributed.setup(args)
+    try:
+        return _train(args, d)
+    finally:
+        distributed.cleanup(d)
+
+
+def _train(args, d):
+    torch.manual_seed(args.seed + d.rank)
+    speed = resolve_speed(args)
+    if d.is_main:
+        plan_save_root(args)
+    args.save_root = d.broadcast_object(args.save_root)
+    args.ckpt_path = d.broadcast_object(args.ckpt_path)
+    ensure_dataset(args, d)
+    cache = not args.no_cache
+    val_set = TrainWindows(args.DR, args.frame_H, args.frame_W, video_len=args.val_vi_len, split="val", cache=cache)
+
+    model = build_model(args)
+    ckpt = None
+    if args.ckpt_path:
+        ckpt = load_checkpoint(args.ckpt_path)
+        check_dims(ckpt, args, args.ckpt_path)
+        load_model_weights(model, ckpt, args.ckpt_path)
+    prepare_model(model, speed)
+
+    if args.test:
+        val = validate(model, val_set, args, speed)
+        print(f"val PSNR {val['psnr']:.3f} dB over {len(val_set)} sequence(s) of {args.val_vi_len} frames "
+              f"(frames 1..{args.val_vi_len - 1}, z from the prior)")
+        return 0
+
+    train_set = TrainWindows(args.DR, args.frame_H, args.frame_W, video_len=args.train_vi_len,
+                             partial=1.0, split="train", cache=cache)
+    batches = WindowBatches(train_set, args.batch_size, speed.device, args.seed, d.rank, d.world_size)
+    if batches.steps(args.partial * (args.fast_partial if args.fast_train else 1.0)) == 0:
+        raise ConfigError(f"{len(train_set)} training windows of {args.train_vi_len} frames make no batch of "
+                          f"{args.batch_size} x {d.world_size} process(es) at --partial {args.partial}; "
+                          "lower --batch_size or use more data")
+    optimizer = build_optimizer(model, args, speed)
+    start_epoch, progress, best_psnr, nan_skipped = 0, None, float("-inf"), 0
+    if ckpt is not None and "optimizer" in ckpt and ckpt.get("format") == FORMAT:
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start_epoch, progress = ckpt["epoch"], ckpt.get("progress")
+        best_psnr, nan_skipped = ckpt.get("best_psnr", best_psnr), ckpt.get("nan_skipped", 0)
+        if d.world_size == 1:
+            set_rng_state(ckpt.get("rng"))
+        if d.is_main:
+            where = f"epoch {start_epoch + 1}" + (f", step {progress['step']}" if progress else "")
+            print(f"Resuming {args.ckpt_path} at {where}", flush=True)
+    elif ckpt is not None and d.is_main:
+        print(f"Starting from the weights in {args.ckpt_path} (no optimizer state in it)", flush=True)
+
+    train_model = model
+    if d.enabled:
+        if speed.device.type == "cuda":
+            train_model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(train_model)
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[speed.device.index] if speed.device.type == "cuda" else None)
+    if speed.compile:
+        train_model = torch.compile(train_model)
+
+    writer = None
+    if d.is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(args.save_root)
+        with open(os.path.join(args.save_root, "args.json"), "w") as f:
+            json.dump(plain_args(args), f, indent=1)
+        print(f"Training on {speed.device} ({d.world_size} process(es)), amp={speed.amp}, "
+              f"channels_last={speed.channels_last}, compile={speed.compile}; "
+              f"{len(train_set)} windows of {args.train_vi_len} frames; writing to {args.save_root}", flush=True)
+
+    stop = StopRequest()
+    stop.install()
+    params = list(model.parameters())
+    metrics_path = os.path.join(args.save_root, "metrics.jsonl")
+    last = os.path.join(args.save_root, "last.ckpt")
+    for epoch in range(start_epoch, args.num_epoch):
+        t0 = time.time()
+        row, finished, prog = train_one_epoch(
+            train_model, optimizer, batches, epoch, args, speed, params, resume=progress,
+            should_stop=lambda: d.any(stop.requested, speed.device), is_main=d.is_main,
+            all_reduce=d.mean if d.enabled else None)
+        progress = None
+        nan_skipped = prog["nan_skipped"]
+        if not finished:
+            if d.is_main:
+                save_checkpoint(last, make_state(model, optimizer, args, epoch, prog, best_psnr, nan_skipped))
+                print(f"Stopped at epoch {epoch + 1}, step {prog['step']}; checkpoint {last}.\n"
+                      f"Resume with: python Trainer.py --resume {args.save_root}", flush=True)
+            return 130 if stop.signal == "SIGINT" else 143
+        row = {"epoch": epoch + 1, **row, "time_s": round(time.time() - t0, 2)}
+        val = None
+        if d.is_main and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.num_epoch):
+            val = validate(model, val_set, args, speed)
+            row.update(val_psnr=val["psnr"], val_loss=val["loss"])
+            if args.store_visualization:
+                save_gif(side_by_side(val["pred"], val["gt"]), os.path.join(args.save_root, f"val_epoch{epoch + 1}.gif"))
+                save_psnr_plot({"val": val["psnr_per_frame"]}, os.path.join(args.save_root, f"val_psnr_epoch{epoch + 1}.png"))
+        if d.is_main:
+            is_best = val is not None and val["psnr"] > best_psnr
+            if is_best:
+                best_psnr = val["psnr"]
+            state = make_state(model, optimizer, args, epoch + 1, None, best_psnr, nan_skipped)
+            save_checkpoint(last, state)
+            if is_best:
+                save_checkpoint(os.path.join(args.save_root, "best.ckpt"), state)
+            if (epoch + 1) % args.per_save == 0:
+                save_checkpoint(os.path.join(args.save_root, f"epoch_{epoch + 1}.ckpt"), state)
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log_epoch(writer, row, val)
+            vtxt = f" | val PSNR {val['psnr']:.2f} dB{' (best)' if is_best else ''}" if val else ""
+            print(f"epoch {epoch + 1}/{args.num_epoch} | loss {row['loss']:.4g} | {args.recon} "
+                  f"{row.get('mse', row.get('l1')):.4g} | kl {row['kl']:.4g} | beta {row['beta']:.3g} | "
+                  f"tfr {row['tfr']:.2f} | lr {row['lr']:.2e} | {row['time_s']:.1f}s{vtxt}", flush=True)
+        d.barrier()
+    if writer is not None:
+        writer.close()
+        print(f"Done. Best val PSNR {best_psnr:.2f} dB. Checkpoints in {args.save_root}; test with:\n"
+              f"  python Tester.py --ckpt_path {os.path.join(args.save_root, 'best.ckpt')}", flush=True)
+    return 0
+
+
+def main(argv=None):
+    parser = trainer_parser()
+    args = parser.parse_args(argv)
+    try:
+        check_trainer(args)
+        return run(args)
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

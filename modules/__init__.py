@@ -1,0 +1,3 @@
+from .layers import ConvFFN, DepthConv, DepthConvBlock, ResidualBlock
+from .modules import Decoder_Fusion, Gaussian_Predictor, Generator, Label_Encoder, RGB_Encoder
+from .model import VAE_Model

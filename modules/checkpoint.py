@@ -1,0 +1,121 @@
+"""The one checkpoint reader and writer.
+
+A checkpoint is plain data (tensors, numbers, strings, lists, dicts) and loads with
+`torch.load(..., weights_only=True)`: loading never executes code. Writes are atomic (temporary
+file, fsync, rename), so a crash mid-write leaves the previous checkpoint intact.
+Checkpoints written by lab code ({"state_dict": ..., "optimizer": ..., ...}) load too.
+"""
+import errno
+import os
+import pickle
+import zipfile
+
+import torch
+
+from .options import MODEL_ARGS, MODEL_DIMS
+
+FORMAT = "pose-cvae-checkpoint"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def save_checkpoint(path, state):
+    """Atomically write `state` to `path`. Raises CheckpointError (earlier files untouched) when the
+    folder is not writable or the disk is full."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise CheckpointError(f"cannot write checkpoint {path}: {why}; free space or choose another "
+                              "--save_root (earlier checkpoints are untouched)") from None
+
+
+def load_checkpoint(path):
+    """Read a checkpoint onto the CPU, safely. Returns the dict; raises CheckpointError."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing {path}: it holds pickled objects that could run code, not plain data "
+                              f"({str(e).splitlines()[0][:200]}). Re-save its state_dict with torch.save") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch checkpoint "
+                              f"({type(e).__name__}); use an intact file, e.g. the run's last.ckpt") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
+    if "model" not in ckpt and "state_dict" not in ckpt:
+        if all(isinstance(v, torch.Tensor) for v in ckpt.values()) and any(k.startswith("Generator.") for k in ckpt):
+            return {"model": ckpt}  # a bare state_dict
+        raise CheckpointError(f"{path} is not a checkpoint of this model (no 'model' or 'state_dict' entry)")
+    if "model" not in ckpt:  # written by lab code
+        ckpt = {"model": ckpt["state_dict"], "lab_format": True}
+    return ckpt
+
+
+def dims_from_state_dict(sd):
+    """Recover F/L/N/D dims and the prior type from parameter shapes (for lab checkpoints)."""
+    try:
+        return dict(
+            F_dim=sd["frame_transformation.6.weight"].shape[0],
+            L_dim=sd["label_transformation.4.conv2.weight"].shape[0],
+            N_dim=sd["Gaussian_Predictor.6.weight"].shape[0] // 2,
+            D_out_dim=sd["Generator.0.block.0.conv1.0.weight"].shape[0],
+            prior="learned" if any(k.startswith("prior.") for k in sd) else "fixed",
+        )
+    except KeyError as e:
+        raise CheckpointError(f"the checkpoint's weights are not this model's (missing {e.args[0]})") from None
+
+
+def model_args(ckpt):
+    """The arguments that rebuild the checkpoint's model: stored ones, else read off the weights."""
+    stored = ckpt.get("args") or {}
+    found = dims_from_state_dict(ckpt["model"])
+    out = {k: stored.get(k, found.get(k)) for k in MODEL_ARGS}
+    out.update({k: found[k] for k in found})  # the weights are the truth
+    return out
+
+
+def check_dims(ckpt, args, path):
+    """Raise CheckpointError naming each flag whose value differs from the checkpoint's."""
+    found = dims_from_state_dict(ckpt["model"])
+    diff = [f"--{k} {getattr(args, k)} (checkpoint: {found[k]})" for k in MODEL_DIMS + ("prior",)
+            if getattr(args, k, found[k]) != found[k]]
+    if diff:
+        raise CheckpointError(f"{path} was written for other model dims: " + ", ".join(diff)
+                              + "; pass the checkpoint's values or start a new run")
+
+
+def load_model_weights(model, ckpt, path):
+    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+def rng_state():
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    if not state:
+        return
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,72 @@
+"""torchrun support: process-group set-up from the environment torchrun provides, and the few
+collective helpers the Trainer needs. A plain `python Trainer.py` is a world of one."""
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def enabled(self):
+        return self.world_size > 1
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+    def barrier(self):
+        if self.enabled:
+            dist.barrier()
+
+    def mean(self, t):
+        """All-reduce a tensor to its mean over ranks (sums of counts stay sums of counts when the
+        caller divides sums by summed counts; see engine.train_one_epoch)."""
+        if not self.enabled:
+            return t
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    def any(self, flag, device):
+        """True on every rank if `flag` is true on any rank."""
+        if not self.enabled:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def broadcast_object(self, obj):
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+
+def setup(args):
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1). On CUDA each rank takes
+    the card LOCAL_RANK and NCCL; on CPU, gloo. Updates args.device for the rank."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(local)
+        args.device = f"cuda:{local}"
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend=backend)
+    return Dist(rank=rank, local_rank=local, world_size=world)
+
+
+def cleanup(d):
+    if d.enabled and dist.is_initialized():
+        dist.destroy_process_group()

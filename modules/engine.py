@@ -1,0 +1,173 @@
+"""Training and validation loops, shared by Trainer.py (and torchrun) and the benchmark."""
+import math
+import warnings
+
+import torch
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from .metrics import psnr
+from .runtime import rollout, to_float
+from .schedules import TeacherForcingCoins, kl_beta, lr_factor, teacher_forcing_ratio
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses."""
+
+
+class WindowBatches:
+    """Batches of training windows gathered by index from uint8 tensors (on the GPU when they
+    fit), so a step costs one gather and a float conversion, never a decode.
+
+    The order comes from a DistributedSampler seeded by (seed, epoch): each rank of a torchrun job
+    gets its own shard, a single process gets the whole permutation, and a resumed run replays
+    the same order."""
+
+    def __init__(self, dataset, batch_size, device, seed=0, rank=0, world_size=1):
+        self.frames, self.labels = dataset.frames, dataset.labels
+        self.starts, self.video_len = dataset.starts, dataset.video_len
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        if device.type == "cuda":
+            need = 2 * self.frames.numel()
+            free, _ = torch.cuda.mem_get_info(device)
+            if need < 0.25 * free:
+                self.frames, self.labels = self.frames.to(device), self.labels.to(device)
+            else:
+                self.frames, self.labels = self.frames.pin_memory(), self.labels.pin_memory()
+        self.offsets = torch.arange(self.video_len, device=self.frames.device)
+        self.starts = self.starts.to(self.frames.device)
+
+    def windows(self, fraction=1.0):
+        return max(1, int(len(self.starts) * fraction))
+
+    def steps(self, fraction=1.0):
+        return self.windows(fraction) // (self.batch_size * self.world_size)
+
+    def epoch(self, epoch, fraction=1.0):
+        """Index tensors of the batches of `epoch` for this rank (incomplete batches dropped)."""
+        n = self.windows(fraction)
+        sampler = DistributedSampler(range(n), num_replicas=self.world_size, rank=self.rank,
+                                     shuffle=True, seed=self.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+        idx = torch.tensor(list(sampler), dtype=torch.long)
+        steps = len(idx) // self.batch_size
+        return idx[:steps * self.batch_size].view(steps, self.batch_size)
+
+    def gather(self, idx):
+        """(B,) window indices -> uint8 (B, T, 3, H, W) frames and labels."""
+        frame_idx = self.starts[idx.to(self.starts.device)][:, None] + self.offsets  # (B, T)
+        return self.frames[frame_idx], self.labels[frame_idx]
+
+
+def epoch_settings(epoch, args):
+    """beta, teacher-forcing ratio and data fraction of `epoch`: pure functions of the epoch."""
+    beta = kl_beta(epoch, args.kl_anneal_type, args.num_epoch, args.kl_anneal_cycle, args.kl_anneal_ratio)
+    tfr = teacher_forcing_ratio(epoch, args.tfr, args.tfr_sde, args.tfr_d_step)
+    fraction = args.partial * (args.fast_partial if args.fast_train and epoch < args.fast_train_epoch else 1.0)
+    return beta, tfr, fraction
+
+
+def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params, resume=None,
+                    should_stop=lambda: False, is_main=True, all_reduce=None):
+    """Train one epoch; returns (metrics dict, finished: bool, progress dict).
+
+    resume: the progress dict of an interrupted epoch ({"step", "sums", ...}) to continue from.
+    Stops early (finished=False) when should_stop() turns true; the progress dict then holds
+    what a checkpoint needs to continue exactly. Metrics are averaged over the epoch's steps
+    (and over ranks when `all_reduce` is given)."""
+    beta, tfr, fraction = epoch_settings(epoch, args)
+    coins = TeacherForcingCoins(args.seed, epoch, tfr, args.tf_mode)
+    plan = batches.epoch(epoch, fraction)
+    steps_per_epoch = len(plan)
+    T = args.train_vi_len
+    start = resume["step"] if resume else 0
+    sums = (resume["sums"].to(speed.device) if resume else torch.zeros(4, device=speed.device))
+    nan_total = resume.get("nan_skipped", 0) if resume else 0
+    nan_run = 0
+    bar = tqdm(range(steps_per_epoch), initial=start, total=steps_per_epoch, disable=not is_main,
+               desc=f"epoch {epoch + 1}/{args.num_epoch}", dynamic_ncols=True, leave=False)
+    train_model.train()
+    step = start
+    for step in range(steps_per_epoch):
+        tf = coins.draw(T - 1)  # drawn for skipped steps too, so the stream stays aligned
+        if step < start:
+            continue
+        if should_stop():
+            break
+        lr = args.lr * lr_factor(epoch + step / max(steps_per_epoch, 1), args)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        img, label = batches.gather(plan[step])
+        img, label = to_float(img, speed), to_float(label, speed)
+        with speed.autocast():
+            out = train_model(img, label, tf, beta=beta, recon=args.recon, fast=speed.fast,
+                              grad_ckpt=args.grad_ckpt)
+        loss = out["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        # A non-finite loss or gradient skips the update. This is the one host sync per step.
+        if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
+            nan_total += 1
+            nan_run += 1
+            if is_main:
+                warnings.warn(f"epoch {epoch + 1} step {step}: non-finite loss or gradient; step skipped "
+                              f"({nan_run} in a row)", stacklevel=1)
+            if nan_run >= args.max_nan_steps:
+                raise TrainingDiverged(f"{nan_run} consecutive non-finite losses at epoch {epoch + 1}; "
+                                       "try a lower --lr or --grad_clip")
+            bar.update(1)
+            continue
+        nan_run = 0
+        optimizer.step()
+        sums += torch.stack([loss.detach().float(), out["recon"].detach().float(),
+                             out["kl"].detach().float(), torch.ones((), device=speed.device)])
+        bar.update(1)
+        if is_main and (step + 1) % args.log_every == 0:
+            s = (sums[:3] / sums[3].clamp_min(1)).tolist()
+            bar.set_postfix(loss=f"{s[0]:.4g}", mse=f"{s[1]:.4g}", kl=f"{s[2]:.4g}", beta=f"{beta:.3g}",
+                            tfr=f"{tfr:.2f}", lr=f"{lr:.2e}")
+    else:
+        step = steps_per_epoch
+    bar.close()
+    finished = step >= steps_per_epoch
+    progress = {"step": step, "sums": sums.detach().cpu(), "nan_skipped": nan_total}
+    total = sums.clone()
+    if all_reduce is not None:
+        total = all_reduce(total)
+    n = max(total[3].item(), 1.0)
+    metrics = {"loss": total[0].item() / n, "mse" if args.recon == "mse" else "l1": total[1].item() / n,
+               "kl": total[2].item() / n, "beta": beta, "tfr": tfr, "tf_epoch_coin": coins.epoch_coin,
+               "lr": optimizer.param_groups[0]["lr"], "steps": int(total[3].item()), "nan_skipped": nan_total}
+    return metrics, finished, progress
+
+
+def validation_noise(model, n_seq, length, H, W, seed):
+    """The same prior noise at every validation, so a PSNR change reflects the model alone."""
+    g = torch.Generator().manual_seed(seed + 12345)
+    return model.sample_noise(n_seq, length, H, W, generator=g)
+
+
+@torch.no_grad()
+def validate(model, val_set, args, speed, max_batch=8):
+    """Roll out every validation sequence from its first frame with z from the prior.
+    Returns dict(psnr, mse, psnr_per_frame (L-1,) list, pred (L, 3, H, W) and gt of sequence 0)."""
+    L = val_set.video_len
+    H, W = val_set.frames.shape[-2:]
+    eps_all = validation_noise(model, len(val_set), L, H, W, args.seed)
+    curves, mses, pred0 = [], [], None
+    for lo in range(0, len(val_set), max_batch):
+        ids = range(lo, min(lo + max_batch, len(val_set)))
+        gt = torch.stack([val_set[i][0] for i in ids])
+        lab = torch.stack([val_set[i][1] for i in ids])
+        gt, lab = to_float(gt, speed), to_float(lab, speed)
+        eps = eps_all[:, lo:lo + len(ids)].to(speed.device)
+        pred = rollout(model, gt[:, 0], lab, eps, speed)
+        curves.append(psnr(pred[:, 1:], gt[:, 1:]).cpu())  # (b, L-1)
+        mses.append((pred[:, 1:] - gt[:, 1:]).pow(2).flatten(2).mean(2).cpu())
+        if pred0 is None:
+            pred0, gt0 = pred[0].cpu(), gt[0].cpu()
+    curve = torch.cat(curves)
+    mse = torch.cat(mses).mean().item()
+    return {"psnr": curve.mean().item(), "mse": mse, "psnr_per_frame": curve.mean(0).tolist(),
+            "pred": pred0, "gt": gt0, "loss": mse if math.isfinite(mse) else float("nan")}

@@ -1,0 +1,187 @@
+"""The conditional VAE: the lab's five modules, the per-frame step, the training pass and the
+rollout. Trainer, Tester and the benchmark all call these; nothing else re-implements them.
+
+Shapes: B batch, T frames, C=3, H x W the frame size, N the latent channels.
+Images are float in [0, 1]. Per-sequence state is passed in and returned, never stored here.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from .modules import Decoder_Fusion, Gaussian_Predictor, Generator, Label_Encoder, RGB_Encoder
+
+Z_MODES = ("sample", "zero", "prior_mean")
+PRIORS = ("fixed", "learned")
+RECONS = ("mse", "l1")
+
+
+def kl_standard_normal(mu, logvar):
+    """KL(N(mu, exp(logvar)) || N(0, I)), elementwise."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+
+
+def kl_gaussians(mu_q, logvar_q, mu_p, logvar_p):
+    """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))), elementwise (SVG-LP's analytic KL)."""
+    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0)
+
+
+def _flat(x):
+    return x.flatten(0, 1)
+
+
+class VAE_Model(nn.Module):
+    """Attributes keep the lab's names, so `state_dict()` keys match checkpoints written by lab code.
+    With prior="learned" one more module, `prior`, predicts p(z_t | previous frame, pose_t)."""
+
+    def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed"):
+        super().__init__()
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        self.N_dim, self.prior_type = N_dim, prior
+        self.frame_transformation = RGB_Encoder(3, F_dim)
+        self.label_transformation = Label_Encoder(3, L_dim)
+        self.Gaussian_Predictor = Gaussian_Predictor(F_dim + L_dim, N_dim)
+        self.Decoder_Fusion = Decoder_Fusion(F_dim + L_dim + N_dim, D_out_dim)
+        self.Generator = Generator(D_out_dim, 3)
+        self.prior = Gaussian_Predictor(F_dim + L_dim, N_dim) if prior == "learned" else None
+
+    # ---- pieces -------------------------------------------------------------------------------
+    def _call(self, module, *args, grad_ckpt=False):
+        # Activation checkpointing recomputes a module in the backward pass instead of storing its
+        # intermediate tensors. Never used for label_transformation: recomputing BatchNorm in
+        # training mode would update its running statistics twice.
+        if grad_ckpt and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def encode_labels(self, labels, chunk=1024):
+        """labels (M, 3, H, W) -> features (M, L, H, W); chunked so long sequences fit in memory."""
+        if labels.shape[0] <= chunk:
+            return self.label_transformation(labels)
+        return torch.cat([self.label_transformation(c) for c in labels.split(chunk)])
+
+    def prior_params(self, prev_feat, label_feat, grad_ckpt=False):
+        """(mu, logvar) of p(z_t | ...): zeros for the fixed N(0, I) prior, else the learned prior's."""
+        if self.prior is None:
+            shape = (prev_feat.shape[0], self.N_dim, *prev_feat.shape[2:])
+            zero = prev_feat.new_zeros(shape)
+            return zero, zero
+        _, mu, logvar = self._call(self.prior, prev_feat, label_feat, grad_ckpt=grad_ckpt)
+        return mu, logvar
+
+    def decode(self, prev_feat, label_feat, z, grad_ckpt=False):
+        """Features of the previous frame, of pose t, and z_t -> frame t (unclamped)."""
+        fused = self._call(self.Decoder_Fusion, prev_feat, label_feat, z, grad_ckpt=grad_ckpt)
+        return self._call(self.Generator, fused, grad_ckpt=grad_ckpt)
+
+    # ---- training -----------------------------------------------------------------------------
+    def forward(self, img, label, teacher_forcing=True, eps=None, beta=1.0, recon="mse",
+                fast=True, grad_ckpt=False):
+        """One training pass over sequences.
+
+        img, label: (B, T, 3, H, W). teacher_forcing: a bool, or a bool sequence of length T-1 (one
+        entry per predicted frame). eps: (B, T-1, N, H, W) posterior noise, drawn here if None.
+        Frame t (1..T-1) is decoded from the previous frame (true under teacher forcing, else the
+        model's own clamped output), pose t and z_t ~ q(z | x_t, pose_t).
+
+        fast=True runs all teacher-forced frames as one batch of B*(T-1); fast=False is the plain
+        per-frame loop (the reference in tests). Both compute the same function.
+        Returns dict(loss, recon, kl, pred) with pred (B, T-1, 3, H, W) unclamped.
+        loss = recon + beta * kl; recon is the mean per-pixel error, kl the KL summed over the
+        latent map and averaged over samples and frames.
+        """
+        B, T = img.shape[:2]
+        tf = [bool(teacher_forcing)] * (T - 1) if isinstance(teacher_forcing, bool) else [bool(x) for x in teacher_forcing]
+        if len(tf) != T - 1:
+            raise ValueError(f"teacher_forcing needs {T - 1} entries, got {len(tf)}")
+        # Labels and the posterior see only ground truth, so they run as one batch in both paths
+        # (which also gives BatchNorm the same batch statistics in both).
+        label_feat = self.label_transformation(_flat(label[:, 1:])).unflatten(0, (B, T - 1))
+        if fast:
+            frame_feat = self._call(self.frame_transformation, _flat(img), grad_ckpt=grad_ckpt).unflatten(0, (B, T))
+        else:
+            frame_feat = torch.stack([self.frame_transformation(img[:, t]) for t in range(T)], 1)
+        if eps is None:
+            eps = torch.randn((B, T - 1, self.N_dim, *img.shape[-2:]), device=img.device)
+        z, mu, logvar = self._call(self.Gaussian_Predictor, _flat(frame_feat[:, 1:]), _flat(label_feat),
+                                   _flat(eps), grad_ckpt=grad_ckpt)
+        z = z.unflatten(0, (B, T - 1))  # reparameterised sample of q(z_t | x_t, pose_t)
+
+        if fast and all(tf):
+            prev_feat = frame_feat[:, :-1]
+            pred = self.decode(_flat(prev_feat), _flat(label_feat), _flat(z), grad_ckpt=grad_ckpt)
+            pred = pred.unflatten(0, (B, T - 1))
+        else:
+            preds, prev_feats, out = [], [], None
+            for t in range(1, T):
+                if t == 1 or tf[t - 1]:
+                    prev = frame_feat[:, t - 1] if fast else self.frame_transformation(img[:, t - 1])
+                else:
+                    prev = self._call(self.frame_transformation, out.clamp(0, 1), grad_ckpt=grad_ckpt)
+                out = self.decode(prev, label_feat[:, t - 1], z[:, t - 1], grad_ckpt=grad_ckpt)
+                preds.append(out)
+                prev_feats.append(prev)
+            pred = torch.stack(preds, 1)
+            prev_feat = torch.stack(prev_feats, 1)
+
+        target = img[:, 1:]
+        rec = F.mse_loss(pred, target) if recon == "mse" else F.l1_loss(pred, target)
+        if self.prior is None:
+            kl = kl_standard_normal(mu.float(), logvar.float())
+        else:
+            mu_p, logvar_p = self.prior_params(_flat(prev_feat), _flat(label_feat), grad_ckpt=grad_ckpt)
+            kl = kl_gaussians(mu.float(), logvar.float(), mu_p.float(), logvar_p.float())
+        kl = kl.sum() / (B * (T - 1))
+        rec = rec.float()
+        return dict(loss=rec + beta * kl, recon=rec, kl=kl, pred=pred)
+
+    # ---- generation ---------------------------------------------------------------------------
+    def step(self, prev_img, label_feat, eps, z_mode="sample"):
+        """One generated frame: previous image (B, 3, H, W), pose features of frame t and noise
+        eps (B, N, H, W) -> frame t clamped to [0, 1]. z = prior mean + eps * prior std
+        ("sample"), the prior mean ("prior_mean"), or 0 ("zero")."""
+        prev_feat = self.frame_transformation(prev_img)
+        mu, logvar = self.prior_params(prev_feat, label_feat)
+        if z_mode == "sample":
+            z = mu + eps * torch.exp(0.5 * logvar)
+        elif z_mode == "prior_mean":
+            z = mu
+        else:
+            z = torch.zeros_like(mu)
+        return self.decode(prev_feat, label_feat, z).clamp(0, 1)
+
+    def sample_noise(self, B, L, H, W, generator=None, device=None):
+        """Noise for a rollout of L frames: (L-1, B, N, H, W), drawn in one call so that a seed gives
+        the same z whatever the path that consumes it."""
+        return torch.randn((L - 1, B, self.N_dim, H, W), generator=generator, device=device)
+
+    @torch.no_grad()
+    def generate(self, first, labels, eps, z_mode="sample", step_fn=None, label_feat=None):
+        """Autoregressive rollout. first (B, 3, H, W), labels (B, L, 3, H, W), eps (L-1, B, N, H, W).
+        Returns (B, L, 3, H, W) float32; frame 0 is `first`. Pose features are computed once up
+        front (or passed in as label_feat (B, L-1, L_dim, H, W)); `step_fn(prev, label_feat_t,
+        eps_t)` (default self.step) lets a caller substitute a captured step."""
+        if label_feat is None:
+            B, L = labels.shape[:2]
+            label_feat = self.encode_labels(_flat(labels[:, 1:])).unflatten(0, (B, L - 1))
+        step_fn = step_fn or (lambda p, lf, e: self.step(p, lf, e, z_mode))
+        out, prev = [first.float()], first
+        for t in range(label_feat.shape[1]):
+            prev = step_fn(prev, label_feat[:, t], eps[t])
+            out.append(prev.float())
+        return torch.stack(out, 1)
+
+    @torch.no_grad()
+    def generate_plain(self, first, labels, eps, z_mode="sample"):
+        """Reference rollout the straightforward way: one sequence at a time, the pose encoded
+        inside the per-frame loop. Same function as `generate`; used by tests and the benchmark."""
+        seqs = []
+        for b in range(first.shape[0]):
+            prev, out = first[b:b + 1], [first[b:b + 1]]
+            for t in range(1, labels.shape[1]):
+                label_feat = self.label_transformation(labels[b:b + 1, t])
+                prev = self.step(prev, label_feat, eps[t - 1, b:b + 1], z_mode)
+                out.append(prev)
+            seqs.append(torch.stack(out, 1))
+        return torch.cat(seqs)

@@ -1,0 +1,191 @@
+"""The one argument builder. Trainer.py and Tester.py build their parsers from these parents, so a
+flag is declared once. Flag names and defaults are the lab's; additions follow the same style."""
+import argparse
+MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
+# The arguments that rebuild the model from a checkpoint.
+MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior")
+KL_TYPES = ("Cyclical", "Monotonic", "Full_KL", "None")
+TF_MODES = ("epoch", "step", "frame")
+SCHEDULERS = ("multistep", "step", "cosine", "none")
+AUTO = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """A flag value that cannot work; the message names the flag and the fix."""
+
+
+def default_device():
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def common_parser():
+    """Flags shared by Trainer.py and Tester.py: data, model, device, performance."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--DR", type=str, default="data/dance",
+                   help="dataset root in the lab's layout; the default is generated on first use")
+    g.add_argument("--save_root", type=str, default=None,
+                   help="output folder (Trainer: a new runs/<timestamp>; Tester: <checkpoint folder>/test)")
+    g.add_argument("--num_workers", type=int, default=4, help="processes used to decode the dataset once")
+    g.add_argument("--frame_H", type=int, default=32)
+    g.add_argument("--frame_W", type=int, default=64)
+    g.add_argument("--no_cache", action="store_true", help="do not read or write the decoded-frame cache")
+    g = p.add_argument_group("model")
+    g.add_argument("--F_dim", type=int, default=128, help="frame feature channels")
+    g.add_argument("--L_dim", type=int, default=32, help="label (pose) feature channels")
+    g.add_argument("--N_dim", type=int, default=12, help="latent channels")
+    g.add_argument("--D_out_dim", type=int, default=192, help="decoder fusion output channels")
+    g.add_argument("--prior", choices=("fixed", "learned"), default="fixed",
+                   help="fixed N(0, I) (the lab's) or a learned prior p(z_t | previous frame, pose_t)")
+    g = p.add_argument_group("device and speed")
+    g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
+    g.add_argument("--gpu", type=int, default=1,
+                   help="accepted for lab scripts and ignored: pick a card with --device cuda:N")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--amp", choices=AUTO, default="auto",
+                   help="bfloat16 autocast (auto: on for CUDA and for CPUs with bf16 instructions)")
+    g.add_argument("--channels_last", choices=AUTO, default="auto", help="NHWC memory format (auto: on)")
+    g.add_argument("--compile", choices=AUTO, default="auto", help="torch.compile the modules (auto: on for CUDA)")
+    g.add_argument("--cuda_graphs", choices=AUTO, default="auto",
+                   help="capture the generation step in a CUDA graph (auto: on for CUDA)")
+    g.add_argument("--plain", action="store_true",
+                   help="the reference path: per-frame loop, float32, no compile, graphs or channels_last")
+    return p
+
+
+def trainer_parser():
+    p = argparse.ArgumentParser(description="Train the pose-conditioned video VAE.",
+                                parents=[common_parser()],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("training")
+    g.add_argument("--batch_size", type=int, default=2, help="sequences per step (per process under torchrun)")
+    g.add_argument("--lr", type=float, default=1e-3)
+    g.add_argument("--optim", choices=("Adam", "AdamW", "Adamax"), default="Adam")
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--scheduler", choices=SCHEDULERS, default="multistep",
+                   help="multistep (the lab's), step, cosine (with warm-up), none; all per epoch")
+    g.add_argument("--milestones", type=int, nargs="+", default=[2, 5], help="multistep: epochs")
+    g.add_argument("--gamma", type=float, default=0.1, help="multistep/step: factor")
+    g.add_argument("--step_size", type=int, default=10, help="step: epochs between decays")
+    g.add_argument("--warmup_epochs", type=float, default=0.0, help="cosine: linear warm-up length")
+    g.add_argument("--min_lr", type=float, default=0.0, help="cosine: final learning rate")
+    g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 disables)")
+    g.add_argument("--recon", choices=("mse", "l1"), default="mse", help="reconstruction loss")
+    g.add_argument("--num_epoch", type=int, default=70)
+    g.add_argument("--per_save", type=int, default=3, help="keep a checkpoint every this many epochs")
+    g.add_argument("--partial", type=float, default=1.0, help="fraction of the training data used")
+    g.add_argument("--train_vi_len", type=int, default=16)
+    g.add_argument("--val_vi_len", type=int, default=630)
+    g.add_argument("--val_every", type=int, default=1, help="validate every this many epochs")
+    g.add_argument("--test", action="store_true", help="only validate the checkpoint given by --ckpt_path")
+    g.add_argument("--store_visualization", action="store_true",
+                   help="also write the validation GIF and PSNR-per-frame PNG every validation")
+    g.add_argument("--ckpt_path", type=str, default=None, help="checkpoint to resume from")
+    g.add_argument("--resume", type=str, default=None, metavar="SAVE_ROOT",
+                   help="resume the run in SAVE_ROOT from its newest checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="allow writing into a save_root that has checkpoints")
+    g.add_argument("--grad_ckpt", action="store_true",
+                   help="activation checkpointing: recompute module internals in backward (less memory)")
+    g.add_argument("--log_every", type=int, default=20, help="steps between progress-bar and log updates")
+    g.add_argument("--max_nan_steps", type=int, default=5,
+                   help="stop after this many consecutive non-finite losses (each one is skipped)")
+    g = p.add_argument_group("teacher forcing")
+    g.add_argument("--tfr", type=float, default=1.0, help="teacher-forcing ratio at the start")
+    g.add_argument("--tfr_sde", type=int, default=10, help="epoch from which the ratio decays")
+    g.add_argument("--tfr_d_step", type=float, default=0.1, help="decay per epoch (floor 0)")
+    g.add_argument("--tf_mode", choices=TF_MODES, default="epoch",
+                   help="one coin per epoch (the lab's), per step, or per frame (scheduled sampling)")
+    g = p.add_argument_group("KL annealing")
+    g.add_argument("--kl_anneal_type", choices=KL_TYPES, default="Cyclical")
+    g.add_argument("--kl_anneal_cycle", type=int, default=10)
+    g.add_argument("--kl_anneal_ratio", type=float, default=1.0)
+    g = p.add_argument_group("lab's fast training")
+    g.add_argument("--fast_train", action="store_true", help="use fast_partial of the data for the first epochs")
+    g.add_argument("--fast_partial", type=float, default=0.4)
+    g.add_argument("--fast_train_epoch", type=int, default=5)
+    return p
+
+
+def tester_parser():
+    p = argparse.ArgumentParser(description="Generate the test sequences, GIFs and submission.csv.",
+                                parents=[common_parser()],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by Trainer.py (or lab code)")
+    p.add_argument("--test_len", type=int, default=630, help="frames per test sequence, the first included")
+    p.add_argument("--z_mode", choices=("sample", "zero", "prior_mean"), default="sample",
+                   help="z from the prior (sample), 0, or the prior's mean")
+    p.add_argument("--num_samples", type=int, default=1,
+                   help="rollouts per sequence; with ground truth also reports best-of-K (an oracle)")
+    p.add_argument("--batch_size", type=int, default=8, help="rollouts generated together")
+    p.add_argument("--no_gif", action="store_true", help="skip writing GIFs")
+    # Accepted so that lab command lines that pass training flags to the Tester still run.
+    for name, kw in (("--lr", dict(type=float)), ("--optim", dict(type=str)), ("--num_epoch", dict(type=int)),
+                     ("--per_save", dict(type=int)), ("--partial", dict(type=float)),
+                     ("--train_vi_len", dict(type=int)), ("--val_vi_len", dict(type=int))):
+        p.add_argument(name, default=None, help=argparse.SUPPRESS, **kw)
+    p.add_argument("--test", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--store_visualization", action="store_true", help=argparse.SUPPRESS)
+    return p
+
+
+def _positive(args, names):
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and v <= 0:
+            raise ConfigError(f"--{n} must be positive, got {v}")
+
+
+def check_common(args):
+    """Validate shared flags and resolve 'auto' ones. Raises ConfigError."""
+    import torch
+    _positive(args, MODEL_DIMS + ("frame_H", "frame_W", "num_workers"))
+    if args.seed < 0:
+        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    if args.F_dim % 8 or args.D_out_dim % 8 or args.L_dim % 2 or args.N_dim % 4:
+        raise ConfigError("the modules divide their widths: --F_dim and --D_out_dim must be multiples of 8, "
+                          f"--L_dim of 2 and --N_dim of 4 (got {args.F_dim}, {args.D_out_dim}, "
+                          f"{args.L_dim}, {args.N_dim})")
+    if (args.F_dim + args.L_dim + args.N_dim) % 4:
+        raise ConfigError("--F_dim + --L_dim + --N_dim must be a multiple of 4 (the fusion divides it by 4)")
+    args.device = args.device or default_device()
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {args.device} was asked for but no CUDA GPU is available; use --device cpu")
+        idx = torch.device(args.device).index
+        if idx is not None and idx >= torch.cuda.device_count():
+            raise ConfigError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible")
+    elif args.device != "cpu":
+        raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
+    return args
+
+
+def check_trainer(args):
+    check_common(args)
+    _positive(args, ("batch_size", "lr", "num_epoch", "per_save", "val_vi_len", "val_every", "log_every",
+                     "kl_anneal_cycle", "kl_anneal_ratio", "fast_train_epoch", "max_nan_steps", "step_size"))
+    if args.train_vi_len < 2:
+        raise ConfigError(f"--train_vi_len must be at least 2 (a frame and its successor), got {args.train_vi_len}")
+    if args.val_vi_len < 2:
+        raise ConfigError(f"--val_vi_len must be at least 2, got {args.val_vi_len}")
+    for n in ("tfr", "tfr_d_step"):
+        if not 0.0 <= getattr(args, n) <= 1.0:
+            raise ConfigError(f"--{n} must lie in [0, 1], got {getattr(args, n)}")
+    for n in ("partial", "fast_partial"):
+        if not 0.0 < getattr(args, n) <= 1.0:
+            raise ConfigError(f"--{n} must lie in (0, 1], got {getattr(args, n)}")
+    if args.grad_clip < 0 or args.weight_decay < 0 or args.tfr_sde < 0 or args.min_lr < 0 or args.warmup_epochs < 0:
+        raise ConfigError("--grad_clip, --weight_decay, --tfr_sde, --min_lr and --warmup_epochs must be >= 0")
+    if args.ckpt_path and args.resume:
+        raise ConfigError("give either --ckpt_path or --resume, not both")
+    if args.test and not (args.ckpt_path or args.resume):
+        raise ConfigError("--test validates a trained model: pass --ckpt_path FILE")
+    return args
+
+
+def check_tester(args):
+    check_common(args)
+    _positive(args, ("test_len", "num_samples", "batch_size"))
+    if args.test_len < 2:
+        raise ConfigError(f"--test_len must be at least 2, got {args.test_len}")
+    return args

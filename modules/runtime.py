@@ -1,0 +1,117 @@
+"""Device, precision and speed settings, and the captured generation step.
+
+The plain path (`--plain`) is the reference: per-frame loop, float32, no channels_last, compile or
+CUDA graphs. The fast path computes the same function (tests check it on CPU in float32)."""
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Speed:
+    device: torch.device
+    amp: bool            # bfloat16 autocast
+    channels_last: bool
+    compile: bool        # torch.compile the training forward
+    cuda_graphs: bool    # capture the generation step
+    fast: bool           # batch the teacher-forced frames of a sequence
+
+    def autocast(self, cache_enabled=True):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
+                              cache_enabled=cache_enabled)
+
+
+def cpu_has_bf16():
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_speed(args):
+    """Turn the 'auto' flags into settings that are best on the device in use."""
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+
+    def pick(value, auto):
+        return False if args.plain else (auto if value == "auto" else value == "on")
+
+    return Speed(
+        device=device,
+        amp=pick(args.amp, cuda or cpu_has_bf16()),
+        channels_last=pick(args.channels_last, True),
+        compile=pick(args.compile, cuda),
+        cuda_graphs=pick(args.cuda_graphs, cuda) and cuda,
+        fast=not args.plain,
+    )
+
+
+def prepare_model(model, speed):
+    model.to(speed.device)
+    if speed.channels_last:
+        model.to(memory_format=torch.channels_last)
+    if speed.device.type == "cuda":
+        # TF32 for any float32 matmul/conv left outside autocast.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    return model
+
+
+def to_float(x, speed):
+    """uint8 images (..., 3, H, W) -> float32 in [0, 1] on the device."""
+    return x.to(speed.device, non_blocking=True).float().div_(255.0)
+
+
+def make_step_fn(model, speed, z_mode, example):
+    """The per-frame generation step for `model.generate`. On CUDA with graphs on, the step is
+    captured once for the example shapes (prev, label_feat, eps) and replayed: one launch per frame
+    instead of one per kernel. Otherwise the eager step under the chosen precision."""
+    if not speed.cuda_graphs:
+        def eager(prev, label_feat, eps):
+            with speed.autocast():
+                return model.step(prev, label_feat, eps, z_mode).float()
+        return eager
+
+    static = [t.clone() for t in example]
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), speed.autocast(cache_enabled=False):
+        for _ in range(3):  # warm-up outside the capture (cuDNN autotuning, allocator)
+            model.step(*static, z_mode)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    # Autocast's weight-cast cache must be off while capturing (its tensors would be freed).
+    with torch.cuda.graph(graph), speed.autocast(cache_enabled=False):
+        out = model.step(*static, z_mode).float()
+
+    def replay(prev, label_feat, eps):
+        static[0].copy_(prev)
+        static[1].copy_(label_feat)
+        static[2].copy_(eps)
+        graph.replay()
+        return out.clone()
+    return replay
+
+
+@torch.no_grad()
+def rollout(model, first, labels, eps, speed, z_mode="sample"):
+    """Generate (B, L, 3, H, W) float32 on the device from the first frames (B, 3, H, W) and the
+    poses (B, L, 3, H, W) in [0, 1], with noise eps (L-1, B, N, H, W). The one rollout used by
+    validation, the Tester and the benchmark."""
+    was_training = model.training
+    model.eval()
+    try:
+        if not speed.fast:
+            return model.generate_plain(first, labels, eps, z_mode)
+        fmt = torch.channels_last if speed.channels_last else torch.contiguous_format
+        first = first.contiguous(memory_format=fmt)
+        with speed.autocast():
+            # Pose features of the whole sequence are computed once, before the loop.
+            B, L = labels.shape[:2]
+            label_feat = model.encode_labels(labels[:, 1:].flatten(0, 1)).unflatten(0, (B, L - 1))
+        step = make_step_fn(model, speed, z_mode, (first, label_feat[:, 0], eps[0]))
+        return model.generate(first, None, eps, z_mode, step_fn=step, label_feat=label_feat)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,54 @@
+"""GIFs and figures. matplotlib is imported lazily and with the Agg backend (no display)."""
+import os
+
+import imageio.v2 as imageio
+import numpy as np
+import torch
+
+
+def to_uint8(frames):
+    """(L, 3, H, W) float in [0, 1] -> (L, H, W, 3) uint8 numpy, rounded as in submission.csv."""
+    return frames.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def save_gif(frames, path, fps=20, scale=2):
+    """Write frames (L, 3, H, W) as a looping GIF, enlarged `scale` times (nearest) to be visible."""
+    arr = to_uint8(frames)
+    if scale > 1:
+        arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
+    imageio.mimsave(path, list(arr), duration=1000 / fps, loop=0)
+
+
+def side_by_side(*videos):
+    """Concatenate videos (L, 3, H, W) along the width, e.g. prediction | truth | pose."""
+    return torch.cat([v.float().cpu() for v in videos], dim=-1)
+
+
+def psnr_figure(curves, title="PSNR per frame"):
+    """curves: {name: list of PSNR per frame (frames 1..L-1)} -> a matplotlib Figure."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, curve in curves.items():
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{name} (avg {np.mean(curve):.2f} dB)", lw=1)
+    ax.set_xlabel("frame")
+    ax.set_ylabel("PSNR (dB)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def save_psnr_plot(curves, path, title="PSNR per frame"):
+    import matplotlib.pyplot as plt
+    fig = psnr_figure(curves, title)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def ensure_dir(path):
+    os.makedirs(path, exist_ok=True)
+    return path
