@@ -1,0 +1,308 @@
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import dataloader
+from dataloader import DataError, TestSequences, TrainWindows
+
+
+def _solid(path, value, size=(64, 32), mode="RGB"):
+    Image.new(mode, size, value).save(path)
+
+
+def _split(root, split, n, names=None, size=(64, 32)):
+    """A split whose frame i is the solid grey i and whose label i is the grey 255 - i."""
+    img, lab = root / split / f"{split}_img", root / split / f"{split}_label"
+    img.mkdir(parents=True)
+    lab.mkdir(parents=True)
+    for i in range(n):
+        name = names[i] if names else f"frame{i}.png"
+        _solid(img / name, (i, i, i), size)
+        _solid(lab / name, (255 - i,) * 3, size)
+    return img, lab
+
+
+def _test_split(root, lengths, gt=True):
+    for k, n in enumerate(lengths):
+        for sub in ("test_img", "test_label") + (("test_gt",) if gt else ()):
+            (root / "test" / sub / str(k)).mkdir(parents=True)
+        _solid(root / "test" / "test_img" / str(k) / "frame0.png", (k, k, k))
+        for i in range(n):
+            _solid(root / "test" / "test_label" / str(k) / f"frame{i}.png", (i, 0, 0))
+            if gt:
+                _solid(root / "test" / "test_gt" / str(k) / f"frame{i}.png", (0, i, 0))
+
+
+# ----------------------------------------------------------------------------- names, order
+
+def test_frame_number_and_separators():
+    assert dataloader.frame_number("frame12.png") == 12
+    assert dataloader.frame_number("DR/train/train_img/frame7.png") == 7
+    assert dataloader.frame_number("DR\\train\\train_img\\frame7.png") == 7
+    assert dataloader.frame_number("C:\\data\\v2\\frame0031.png") == 31
+    with pytest.raises(DataError, match="cover.png"):
+        dataloader.frame_number("DR/train/train_img/cover.png")
+
+
+def test_frames_sorted_by_number(tmp_path):
+    _split(tmp_path, "train", 12)
+    names = dataloader.list_frames(tmp_path / "train" / "train_img")
+    assert names[8:11] == ["frame8.png", "frame9.png", "frame10.png"]
+    ds = TrainWindows(tmp_path, video_len=12, cache=False)
+    assert ds.frames[:, 0, 0, 0].tolist() == list(range(12))
+    assert ds.labels[:, 0, 0, 0].tolist() == [255 - i for i in range(12)]
+
+
+def test_root_with_backslashes(tmp_path, monkeypatch):
+    _split(tmp_path / "DR", "train", 4)
+    monkeypatch.chdir(tmp_path)
+    ds = TrainWindows("DR\\", video_len=4, cache=False)
+    assert len(ds) == 1
+
+
+def test_other_files_are_ignored(tmp_path):
+    img, lab = _split(tmp_path, "train", 4)
+    (img / "Thumbs.db").write_bytes(b"x")
+    (img / ".DS_Store").write_bytes(b"x")
+    (lab / "notes.txt").write_text("x")
+    assert len(TrainWindows(tmp_path, video_len=4, cache=False)) == 1
+
+
+# ----------------------------------------------------------------------------- windows
+
+def test_windows_partial_and_items(tmp_path):
+    _split(tmp_path, "train", 50)
+    ds = TrainWindows(tmp_path, video_len=16, cache=False)
+    assert ds.starts.tolist() == [0, 16, 32] and ds.starts.dtype == torch.int64
+    img, label = ds[1]
+    assert img.shape == (16, 3, 32, 64) and img.dtype == torch.uint8
+    assert img[:, 0, 0, 0].tolist() == list(range(16, 32))
+    assert label[:, 0, 0, 0].tolist() == [255 - i for i in range(16, 32)]
+    assert len(TrainWindows(tmp_path, video_len=16, partial=0.4, cache=False)) == 1
+    assert len(TrainWindows(tmp_path, video_len=16, partial=0.01, cache=False)) == 1
+    assert len(ds.with_partial(0.7)) == 2 and ds.with_partial(0.7).frames is ds.frames
+    with pytest.raises(DataError, match="partial"):
+        TrainWindows(tmp_path, partial=0, cache=False)
+
+
+def test_manifest_keeps_windows_inside_videos(tmp_path):
+    _split(tmp_path, "train", 40)
+    (tmp_path / "train" / "videos.json").write_text(json.dumps({"video_lengths": [20, 20]}))
+    ds = TrainWindows(tmp_path, video_len=16, cache=False)
+    assert ds.starts.tolist() == [0, 20]  # without the manifest: [0, 16]
+    (tmp_path / "train" / "videos.json").write_text("[10, 10, 10]")
+    with pytest.raises(DataError, match="videos.json lists 30 frames"):
+        TrainWindows(tmp_path, video_len=16, cache=False)
+    (tmp_path / "train" / "videos.json").write_text("{oops")
+    with pytest.raises(DataError, match="videos.json"):
+        TrainWindows(tmp_path, video_len=16, cache=False)
+
+
+def test_generated_data_without_manifest_reads_like_lab_data(tiny_dance, tmp_path):
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_dance, root)
+    (root / "train" / "videos.json").unlink()
+    ds = TrainWindows(root, video_len=16)
+    assert len(ds) == 6 and ds.video_lengths == [96]
+
+
+def test_val_and_too_few_frames(tiny_dance):
+    val = TrainWindows(tiny_dance, split="val", video_len=20)
+    assert len(val) == 1 and val[0][0].shape == (20, 3, 32, 64)
+    with pytest.raises(DataError, match=r"val_img.*20 frames.*--val_vi_len"):
+        TrainWindows(tiny_dance, split="val", video_len=630)
+    with pytest.raises(DataError, match=r"longest video has 32 frames.*--train_vi_len"):
+        TrainWindows(tiny_dance, video_len=40)
+
+
+def test_test_sequences(tiny_dance):
+    seqs = TestSequences(tiny_dance, test_len=20)
+    assert len(seqs) == 2 and seqs.names == ["0", "1"]
+    item = seqs[1]
+    assert item["name"] == "1"
+    assert item["first"].shape == (3, 32, 64) and item["first"].dtype == torch.uint8
+    assert item["labels"].shape == (20, 3, 32, 64) and item["gt"].shape == (20, 3, 32, 64)
+    assert torch.equal(item["first"], item["gt"][0])
+    unseen = TestSequences(tiny_dance, test_len=20, split="test_unseen")
+    assert len(unseen) == 1
+    with pytest.raises(DataError, match=r"holds 20 pose labels but test_len is 630.*--test_len 20"):
+        TestSequences(tiny_dance)
+
+
+def test_test_sequences_order_and_missing_gt(tmp_path):
+    _test_split(tmp_path, [3] * 11, gt=False)
+    seqs = TestSequences(tmp_path, test_len=3, cache=False)
+    assert seqs.names == [str(k) for k in range(11)]  # "10" after "9"
+    assert seqs[10]["first"][0, 0, 0] == 10 and seqs[10]["gt"] is None
+    assert seqs[0]["labels"][:, 0, 0, 0].tolist() == [0, 1, 2]
+
+
+def test_test_sequence_mismatches(tmp_path):
+    _test_split(tmp_path, [3, 3])
+    shutil.rmtree(tmp_path / "test" / "test_label" / "1")
+    with pytest.raises(DataError, match=r"test_img/1 has no matching .*test_label/1"):
+        TestSequences(tmp_path, test_len=3, cache=False)
+    (tmp_path / "test" / "test_label" / "1").mkdir()
+    with pytest.raises(DataError, match=r"test_label/1 holds no pose labels"):
+        TestSequences(tmp_path, test_len=3, cache=False)
+    shutil.copytree(tmp_path / "test" / "test_label" / "0", tmp_path / "test" / "test_label" / "1",
+                    dirs_exist_ok=True)
+    (tmp_path / "test" / "test_gt" / "1" / "frame2.png").unlink()
+    with pytest.raises(DataError, match=r"test_label/1/frame2.png has no frame"):
+        TestSequences(tmp_path, test_len=3, cache=False)
+    (tmp_path / "test" / "test_img" / "extra").mkdir()
+    with pytest.raises(DataError, match=r"test_img/extra: sequence folders must be named"):
+        TestSequences(tmp_path, test_len=3, cache=False)
+
+
+# ----------------------------------------------------------------------------- cache
+
+def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
+    img, _ = _split(tmp_path, "train", 20)
+    first = TrainWindows(tmp_path, video_len=4)
+    cache = tmp_path / "train" / ".cache" / "train_img-32x64.pt"
+    assert cache.exists()
+    obj = torch.load(cache, weights_only=True)
+    assert torch.equal(obj["frames"], first.frames)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("decoded despite a valid cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(dataloader, "read_images", no_decoding)
+        again = TrainWindows(tmp_path, video_len=4)
+    assert torch.equal(again.frames, first.frames) and torch.equal(again.labels, first.labels)
+
+    # a changed file (new content and mtime) is read again
+    _solid(img / "frame3.png", (200, 100, 50))
+    st = os.stat(img / "frame3.png")
+    os.utime(img / "frame3.png", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    changed = TrainWindows(tmp_path, video_len=4)
+    assert changed.frames[3, :, 0, 0].tolist() == [200, 100, 50]
+    # another frame size is another cache file
+    TrainWindows(tmp_path, frame_H=16, frame_W=32, video_len=4)
+    assert (tmp_path / "train" / ".cache" / "train_img-16x32.pt").exists()
+
+
+def test_corrupt_cache_is_ignored(tmp_path):
+    _split(tmp_path, "train", 8)
+    TrainWindows(tmp_path, video_len=4)
+    cache = tmp_path / "train" / ".cache" / "train_img-32x64.pt"
+    cache.write_bytes(b"not a torch file")
+    assert TrainWindows(tmp_path, video_len=4).frames[5, 0, 0, 0] == 5
+
+
+def test_unwritable_cache_is_skipped(tmp_path, monkeypatch):
+    _split(tmp_path, "train", 8)
+
+    def refuse(*a, **k):
+        raise PermissionError("read-only")
+
+    monkeypatch.setattr(dataloader.tempfile, "mkstemp", refuse)
+    assert len(TrainWindows(tmp_path, video_len=4)) == 2
+    assert not list((tmp_path / "train").rglob("*.pt"))
+
+
+def test_test_cache(tiny_dance, monkeypatch):
+    a = TestSequences(tiny_dance, test_len=20)
+    monkeypatch.setattr(dataloader, "read_images", None)  # any decoding would fail
+    b = TestSequences(tiny_dance, test_len=20)
+    assert all(torch.equal(x["labels"], y["labels"]) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- image modes
+
+def test_modes_and_sizes(tmp_path):
+    d = tmp_path / "modes"
+    d.mkdir()
+    Image.new("L", (128, 64), 100).save(d / "grey.png")
+    Image.new("LA", (64, 32), (100, 0)).save(d / "grey_alpha.png")  # fully transparent
+    Image.new("RGBA", (256, 128), (10, 20, 30, 255)).save(d / "rgba.png")
+    pal = Image.new("P", (64, 32), 1)
+    pal.putpalette([0, 0, 0, 7, 8, 9] + [0] * 762)
+    pal.save(d / "palette.png")
+    Image.fromarray(np.full((40, 80), 65535, np.uint16)).save(d / "deep.png")  # 16-bit grey
+    Image.new("RGB", (17, 9), (50, 60, 70)).save(d / "odd.jpg", quality=100)
+    expect = {"grey.png": (100,) * 3, "grey_alpha.png": (0, 0, 0), "rgba.png": (10, 20, 30),
+              "palette.png": (7, 8, 9), "deep.png": (255,) * 3, "odd.jpg": (50, 60, 70)}
+    for name, rgb in expect.items():
+        a = dataloader.read_image(str(d / name), 32, 64)
+        assert a.shape == (32, 64, 3) and a.dtype == np.uint8, name
+        assert np.abs(a[16, 32].astype(int) - rgb).max() <= 2, (name, a[16, 32])
+
+
+# ----------------------------------------------------------------------------- bad input
+
+def test_missing_root_and_split(tmp_path):
+    with pytest.raises(DataError, match=r"nowhere not found.*make_dance_data"):
+        TrainWindows(tmp_path / "nowhere")
+    with pytest.raises(DataError, match=r"train not found"):
+        TrainWindows(tmp_path)
+    (tmp_path / "train" / "train_img").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"train_img holds no frames"):
+        TrainWindows(tmp_path)
+    _solid(tmp_path / "train" / "train_img" / "frame0.png", (0, 0, 0))
+    with pytest.raises(DataError, match=r"train_label not found"):
+        TrainWindows(tmp_path)
+    with pytest.raises(DataError, match=r"test not found"):
+        TestSequences(tmp_path)
+
+
+def test_image_without_label_and_reverse(tmp_path):
+    img, lab = _split(tmp_path, "train", 6)
+    (lab / "frame4.png").unlink()
+    with pytest.raises(DataError, match=r"train_img/frame4.png has no label .*train_label/frame4"):
+        TrainWindows(tmp_path, video_len=2, cache=False)
+    _solid(lab / "frame4.png", (0, 0, 0))
+    _solid(lab / "frame9.png", (0, 0, 0))
+    with pytest.raises(DataError, match=r"train_label/frame9.png has no frame"):
+        TrainWindows(tmp_path, video_len=2, cache=False)
+
+
+def test_unreadable_and_truncated_png(tmp_path):
+    img, _ = _split(tmp_path, "train", 6)
+    data = (img / "frame2.png").read_bytes()
+    (img / "frame2.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cannot read .*train_img/frame2.png"):
+        TrainWindows(tmp_path, video_len=2, cache=False)
+    (img / "frame2.png").write_bytes(b"this is not an image")
+    with pytest.raises(DataError, match=r"cannot read .*train_img/frame2.png"):
+        TrainWindows(tmp_path, video_len=2, cache=False)
+
+
+def test_truncated_png_in_worker_processes(tmp_path):
+    paths = []
+    for i in range(1100):
+        p = tmp_path / f"frame{i}.png"
+        paths.append(str(p))
+    _solid(paths[0], (1, 2, 3), size=(8, 4))
+    data = open(paths[0], "rb").read()
+    for p in paths:
+        with open(p, "wb") as f:
+            f.write(data)
+    with open(paths[1050], "wb") as f:
+        f.write(data[:30])
+    with pytest.raises(DataError, match=r"frame1050.png"):
+        dataloader.read_images(paths, 4, 8, workers=2)
+
+
+def test_name_without_number_and_duplicates(tmp_path):
+    img, lab = _split(tmp_path, "train", 3)
+    _solid(img / "cover.png", (0, 0, 0))
+    with pytest.raises(DataError, match=r"train_img/cover.png: no frame number"):
+        TrainWindows(tmp_path, video_len=2, cache=False)
+    (img / "cover.png").unlink()
+    _solid(img / "frame01.png", (0, 0, 0))
+    with pytest.raises(DataError, match=r"frame1.png has the same frame number as frame01.png"):
+        TrainWindows(tmp_path, video_len=2, cache=False)
+
+
+def test_messages_are_one_line(tmp_path):
+    with pytest.raises(DataError) as e:
+        TrainWindows(tmp_path / "x\ny")
+    assert "\n" not in str(e.value)

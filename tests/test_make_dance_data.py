@@ -1,0 +1,160 @@
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+import dataloader
+from scripts import make_dance_data as mdd
+
+
+def _png(path):
+    with Image.open(path) as im:
+        return np.asarray(im.convert("RGB"))
+
+
+def _names(folder):
+    return sorted(os.listdir(folder), key=dataloader.frame_number)
+
+
+def test_layout_counts_and_sizes(tiny_dance):
+    r = tiny_dance
+    assert mdd.dataset_ready(r) and not (r / mdd.PARTIAL).exists()
+    for split in ("train", "val"):
+        imgs = _names(r / split / f"{split}_img")
+        assert imgs == _names(r / split / f"{split}_label")
+        assert imgs == [f"frame{i}.png" for i in range(len(imgs))]
+    assert len(os.listdir(r / "train" / "train_img")) == 96
+    assert len(os.listdir(r / "val" / "val_img")) == 20
+    for split, n in (("test", 2), ("test_unseen", 1)):
+        for k in range(n):
+            assert os.listdir(r / split / "test_img" / str(k)) == ["frame0.png"]
+            labels = _names(r / split / "test_label" / str(k))
+            assert labels == [f"frame{i}.png" for i in range(20)]
+            assert labels == _names(r / split / "test_gt" / str(k))
+            first = (r / split / "test_img" / str(k) / "frame0.png").read_bytes()
+            assert first == (r / split / "test_gt" / str(k) / "frame0.png").read_bytes()
+    assert not (r / "test" / "test_img" / "2").exists()
+    with Image.open(r / "train" / "train_img" / "frame5.png") as im:
+        assert im.size == (64, 32) and im.mode == "RGB"
+    meta = json.loads((r / mdd.MARKER).read_text())
+    assert meta["args"]["train_frames"] == 96 and meta["splits"]["train"]["videos"] == 3
+
+
+def test_windows_never_cross_videos(tiny_dance):
+    manifest = json.loads((tiny_dance / "train" / "videos.json").read_text())
+    lengths = manifest["video_lengths"]
+    assert lengths == [32, 32, 32] and manifest["window"] == 16
+    assert manifest["dancer_ids"] == [0, 1, 0]
+    ds = dataloader.TrainWindows(tiny_dance, video_len=16, cache=False)
+    ends = np.cumsum(lengths)
+    for s in ds.starts.tolist():
+        video = np.searchsorted(ends, s, side="right")
+        assert s + 16 <= ends[video]
+    # The manifest matches the pictures: the background jumps between videos, not inside one.
+    f = ds.frames.float()
+    diff = (f[1:] - f[:-1]).abs().mean((1, 2, 3))
+    boundary = ends[:-1] - 1
+    inside = np.setdiff1d(np.arange(len(diff)), boundary)
+    assert diff[boundary].min() > 3 * diff[inside].max()
+
+
+def test_frames_move_like_video(tiny_dance):
+    frames = np.stack([_png(tiny_dance / "val" / "val_img" / f"frame{i}.png") for i in range(20)])
+    diff = np.abs(np.diff(frames.astype(float), axis=0)).mean((1, 2, 3))
+    assert (diff > 0).all()  # the dancer moves every frame
+    assert diff.max() < 8  # but only a little, as at 30 fps (values 0..255)
+
+
+def test_labels_are_coloured_skeletons(tiny_dance):
+    label = _png(tiny_dance / "train" / "train_label" / "frame0.png").astype(int)
+    lit = label.max(-1) > 60
+    assert 0.01 < lit.mean() < 0.4  # a skeleton, not an empty or full frame
+    r, g, b = (label[..., i][lit] for i in range(3))
+    assert ((r > g + 40) & (r > b + 40)).sum() > 3  # warm limbs: the dancer's right side
+    assert ((b > r + 40) | (g > r + 40)).sum() > 3  # cool limbs: the left side
+    assert (label[~lit].max() if (~lit).any() else 0) <= 60  # on black
+
+
+def test_bone_colours_tell_left_from_right():
+    hue = {}
+    for a, b, c in mdd.BONES:
+        names = mdd.KEYPOINTS[a] + mdd.KEYPOINTS[b]
+        side = "r" if "r_" in names else "l" if "l_" in names else "c"
+        hue.setdefault(side, set()).add(c)
+    assert not hue["r"] & hue["l"]
+
+
+def test_deterministic_and_independent_of_workers(tmp_path, monkeypatch):
+    small = dict(train_frames=32, val_frames=6, test_seqs=1, test_len=6, height=32, width=64,
+                 unseen_seqs=0, progress=False)
+    mdd.make_dataset(tmp_path / "a", workers=1, **small)
+    monkeypatch.setattr(mdd, "SERIAL_BELOW", 0)  # force the process pool
+    mdd.make_dataset(tmp_path / "b", workers=2, **small)
+    mdd.make_dataset(tmp_path / "c", seed=1, workers=1, **small)
+    files = sorted(p.relative_to(tmp_path / "a") for p in (tmp_path / "a").rglob("*.png"))
+    assert len(files) == 2 * 32 + 2 * 6 + 1 + 2 * 6
+    for f in files:
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes(), f
+    assert any((tmp_path / "a" / f).read_bytes() != (tmp_path / "c" / f).read_bytes()
+               for f in files)
+
+
+def test_tiny_dataset_is_fast(tmp_path):
+    import time
+    t = time.perf_counter()
+    mdd.make_dataset(tmp_path / "t", train_frames=64, val_frames=20, test_seqs=2, test_len=20,
+                     height=32, width=64, progress=False)
+    assert time.perf_counter() - t < 2.0
+
+
+def test_train_frames_round_down_to_windows(tmp_path):
+    mdd.make_dataset(tmp_path / "d", train_frames=40, val_frames=4, test_seqs=0, test_len=4,
+                     height=32, width=64, window=8, train_videos=2, unseen_seqs=0,
+                     progress=False)
+    manifest = json.loads((tmp_path / "d" / "train" / "videos.json").read_text())
+    assert manifest["video_lengths"] == [24, 16]
+    assert len(os.listdir(tmp_path / "d" / "train" / "train_img")) == 40
+
+
+def test_difficulty_flags(tmp_path):
+    still = dict(train_frames=16, val_frames=4, test_seqs=0, test_len=4, height=32, width=64,
+                 unseen_seqs=0, progress=False, motion=0.0, travel=0.0, turns=0.0,
+                 background="plain")
+    mdd.make_dataset(tmp_path / "s", **still)
+    frames = [_png(tmp_path / "s" / "val" / "val_img" / f"frame{i}.png") for i in range(4)]
+    # no motion, no travel, no turns: the dancer stands still
+    assert np.abs(frames[0].astype(int) - frames[3]).mean() < 1.0
+
+
+def test_main_errors_are_one_line(tmp_path, capsys):
+    assert mdd.main(["--out", str(tmp_path / "x"), "--height", "4"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "--height" in err and "\n" not in err
+    assert mdd.main([]) == 2
+    capsys.readouterr()
+
+
+def test_main_refuses_to_overwrite(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "o"), "--train_frames", "16", "--val_frames", "4",
+            "--test_seqs", "1", "--test_len", "4", "--height", "32", "--width", "64",
+            "--unseen_seqs", "0", "--quiet"]
+    assert mdd.main(args) == 0
+    assert mdd.main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert mdd.main(args + ["--overwrite"]) == 0
+    # a folder this script did not write is never deleted, even with --overwrite
+    foreign = tmp_path / "lab"
+    (foreign / "train" / "train_img").mkdir(parents=True)
+    (foreign / "train" / "train_img" / "frame0.png").write_bytes(b"x")
+    args[1] = str(foreign)
+    assert mdd.main(args + ["--overwrite"]) == 2
+    assert "did not write" in capsys.readouterr().err
+    assert (foreign / "train" / "train_img" / "frame0.png").exists()
+
+
+def test_preview(tmp_path, capsys):
+    out = tmp_path / "strip.png"
+    assert mdd.main(["--preview", str(out), "--height", "32", "--width", "64"]) == 0
+    with Image.open(out) as im:
+        assert im.size == (8 * 64, 2 * 32)
