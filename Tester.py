@@ -17,8 +17,8 @@ import torch
 from dataloader import DataError, TestSequences
 from modules import VAE_Model
 from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args
-from modules.metrics import psnr
-from modules.options import ConfigError, check_tester, tester_parser
+from modules.metrics import psnr, ssim
+from modules.options import ConfigError, check_tester, tester_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed, rollout, to_float
 from modules.visualize import save_gif, save_psnr_plot, to_uint8
 
@@ -54,11 +54,14 @@ def run(args):
     model, margs = load_model(args.ckpt_path, args)
     prepare_model(model, speed)
     save_root = args.save_root or os.path.join(os.path.dirname(os.path.abspath(args.ckpt_path)), "test")
-    os.makedirs(save_root, exist_ok=True)
+    writable_folder(save_root)
     seqs = TestSequences(args.DR, args.frame_H, args.frame_W, test_len=args.test_len, cache=not args.no_cache)
     H, W, L, K = args.frame_H, args.frame_W, args.test_len, args.num_samples
     print(f"Generating {len(seqs)} sequence(s) x {K} sample(s) x {L} frames on {speed.device} "
           f"(prior {margs['prior']}, z_mode {args.z_mode}, seed {args.seed})", flush=True)
+    if K > 1 and args.z_mode != "sample":
+        print(f"note: z_mode {args.z_mode} ignores the noise, so the {K} rollouts are identical; "
+              "use --z_mode sample for K different ones", flush=True)
 
     # One noise draw for everything, from a CPU generator: the same z on any device.
     g = torch.Generator().manual_seed(args.seed)
@@ -89,23 +92,24 @@ def run(args):
     results = {"sequences": [], "generation_s": gen_s, "args": {k: v for k, v in vars(args).items()
                                                                  if isinstance(v, (int, float, str, bool, type(None)))}}
     if all(seq["gt"] is not None for seq in seqs):
-        print(f"\n{'seq':>6} | {'PSNR':>7} | {'best-of-%d' % K if K > 1 else '':>9} | copy-first")
+        print(f"\n{'seq':>6} | {'PSNR':>7} | {'best-of-%d' % K if K > 1 else '':>9} | {'SSIM':>6} | copy-first")
         curves = {}
         for k, seq in enumerate(seqs):
             gt = seq["gt"].float() / 255
             per_sample = torch.stack([psnr(preds[(k, s)][1:], gt[1:]) for s in range(K)])  # (K, L-1)
+            ssims = torch.stack([ssim(preds[(k, s)][1:], gt[1:]) for s in range(K)])  # (K, L-1)
             copy = psnr(gt[:1].expand(L - 1, -1, -1, -1), gt[1:])
             row = {"name": seq["name"], "psnr": per_sample.mean().item(),
-                   "best_of_k_psnr": per_sample.mean(1).max().item(), "copy_first_psnr": copy.mean().item(),
-                   "psnr_per_frame": per_sample.mean(0).tolist()}
+                   "best_of_k_psnr": per_sample.mean(1).max().item(), "ssim": ssims.mean().item(),
+                   "copy_first_psnr": copy.mean().item(), "psnr_per_frame": per_sample.mean(0).tolist()}
             results["sequences"].append(row)
             curves[f"seq {seq['name']}"] = row["psnr_per_frame"]
             best = f"{row['best_of_k_psnr']:9.3f}" if K > 1 else " " * 9
-            print(f"{seq['name']:>6} | {row['psnr']:7.3f} | {best} | {row['copy_first_psnr']:7.3f}")
-        for key in ("psnr", "best_of_k_psnr", "copy_first_psnr"):
+            print(f"{seq['name']:>6} | {row['psnr']:7.3f} | {best} | {row['ssim']:6.4f} | {row['copy_first_psnr']:7.3f}")
+        for key in ("psnr", "best_of_k_psnr", "ssim", "copy_first_psnr"):
             results[key] = float(np.mean([r[key] for r in results["sequences"]]))
         best = f"{results['best_of_k_psnr']:9.3f}" if K > 1 else " " * 9
-        print(f"{'avg':>6} | {results['psnr']:7.3f} | {best} | {results['copy_first_psnr']:7.3f}")
+        print(f"{'avg':>6} | {results['psnr']:7.3f} | {best} | {results['ssim']:6.4f} | {results['copy_first_psnr']:7.3f}")
         if K > 1:
             print("(best-of-K picks the sample closest to the truth: an oracle metric, not a prediction score)")
         save_psnr_plot(curves, os.path.join(save_root, "psnr_per_frame.png"), "Test PSNR per frame")
@@ -123,6 +127,10 @@ def main(argv=None):
         return run(args)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the disk filled up, or the output folder vanished or turned read-only
+        print(f"error: {e.filename or args.save_root}: {e.strerror or e}; free space or choose another "
+              "--save_root", file=sys.stderr)
         return 2
 
 

@@ -22,7 +22,7 @@ from modules import distributed
 from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,
                                 load_model_weights, rng_state, save_checkpoint, set_rng_state)
 from modules.engine import TrainingDiverged, WindowBatches, epoch_settings, train_one_epoch, validate
-from modules.options import ConfigError, check_trainer, trainer_parser
+from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed
 from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side
 
@@ -35,10 +35,17 @@ class StopRequest:
     def __init__(self):
         self.requested = False
         self.signal = None
+        self.previous = {}
 
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, self._handle)
+            self.previous[sig] = signal.signal(sig, self._handle)
+
+    def uninstall(self):
+        """Put back the handlers found at install (main() may run inside a test or a notebook)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        self.previous = {}
 
     def _handle(self, signum, frame):
         if self.requested and signum == signal.SIGINT:
@@ -67,7 +74,8 @@ def find_resume_checkpoint(save_root):
         return last
     found = sorted(glob.glob(os.path.join(save_root, "*.ckpt")), key=os.path.getmtime)
     if not found:
-        raise ConfigError(f"--resume {save_root}: no checkpoint (*.ckpt) in that folder")
+        raise ConfigError(f"--resume {save_root}: no checkpoint (*.ckpt) in that folder, so nothing to resume "
+                          "(a run writes its first one after epoch 1 or when stopped); start the run again")
     return found[-1]
 
 
@@ -82,18 +90,80 @@ def plan_save_root(args):
         # Resuming a checkpoint continues its run folder.
         args.save_root = os.path.dirname(os.path.abspath(args.ckpt_path))
     elif args.save_root is None:
-        args.save_root = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
-    elif not args.ckpt_path and not args.overwrite and glob.glob(os.path.join(args.save_root, "*.ckpt")):
+        args.save_root = new_run_folder()
+    elif not args.overwrite and glob.glob(os.path.join(args.save_root, "*.ckpt")) and not (
+            args.ckpt_path and os.path.realpath(os.path.dirname(os.path.abspath(args.ckpt_path)))
+            == os.path.realpath(args.save_root)):
+        # Only a checkpoint's own folder is continued without asking.
         raise ConfigError(f"--save_root {args.save_root} already holds checkpoints: resume it with "
                           f"--resume {args.save_root}, choose another --save_root, or pass --overwrite")
-    try:
-        os.makedirs(args.save_root, exist_ok=True)
-        probe = os.path.join(args.save_root, f".write_test{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise ConfigError(f"--save_root {args.save_root} is not writable ({e.strerror}); choose another folder") from None
+    writable_folder(args.save_root)
+
+
+def new_run_folder():
+    """runs/<timestamp>, claimed with an exclusive mkdir: a second run started in the same second
+    gets runs/<timestamp>-2 rather than the first run's folder."""
+    base = os.path.join("runs", time.strftime("%Y%m%d-%H%M%S"))
+    path = base
+    for n in range(2, 1000):
+        try:
+            os.makedirs(path)
+            break
+        except FileExistsError:
+            path = f"{base}-{n}"
+        except OSError:
+            break  # writable_folder reports why
+    return path
+
+
+# Flags about this machine or this invocation rather than the run: a resume keeps the current ones.
+NOT_ADOPTED = ("resume", "ckpt_path", "save_root", "overwrite", "test", "device", "gpu", "num_workers",
+               "no_cache", "log_every")
+
+
+def adopt_run_args(args, argv):
+    """A resume continues the run as it was started: every flag not written on this command line
+    takes the checkpoint's value, so `--resume SAVE_ROOT` alone gives the same model, data order
+    and schedules."""
+    if args.resume and args.ckpt_path:
+        return  # check_trainer refuses this
+    if args.resume:
+        if not os.path.isdir(args.resume):
+            return  # plan_save_root says so
+        path = find_resume_checkpoint(args.resume)
+    elif args.ckpt_path:
+        path = args.ckpt_path
+    else:
+        return
+    stored = load_checkpoint(path).get("args") or {}
+    given = given_flags(trainer_parser, argv)
+    for k, v in stored.items():
+        if hasattr(args, k) and k not in given and k not in NOT_ADOPTED:
+            setattr(args, k, v)
+
+
+def trim_metrics(path, epoch):
+    """Keep the rows of the first `epoch` epochs, which a (re)started run does not redo. A row is
+    written before its epoch's checkpoint, so a crash between the two leaves a row that is dropped
+    here and written again, never a gap; a line cut short by a crash is dropped too."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.read().splitlines()
+    keep = []
+    for line in lines:
+        try:
+            if json.loads(line)["epoch"] <= epoch:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass
+    if len(keep) < len(lines):
+        tmp = f"{path}.tmp{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in keep))
+        os.replace(tmp, path)
+        print(f"{path}: dropped {len(lines) - len(keep)} row(s) after epoch {epoch}, which this run does again",
+              flush=True)
 
 
 def ensure_dataset(args, d):
@@ -142,19 +212,26 @@ def log_epoch(writer, row, val):
 
 def run(args):
     d = distributed.setup(args)
+    stop = StopRequest()
     try:
-        return _train(args, d)
+        return _train(args, d, stop)
     finally:
+        stop.uninstall()
         distributed.cleanup(d)
 
 
-def _train(args, d):
+def _train(args, d, stop):
     torch.manual_seed(args.seed + d.rank)
     speed = resolve_speed(args)
+    refused = None
     if d.is_main:
-        plan_save_root(args)
-    args.save_root = d.broadcast_object(args.save_root)
-    args.ckpt_path = d.broadcast_object(args.ckpt_path)
+        try:
+            plan_save_root(args)
+        except ConfigError as e:
+            refused = e  # sent to every rank, so all stop with the message instead of a broken pipe
+    refused, args.save_root, args.ckpt_path = d.broadcast_object((refused, args.save_root, args.ckpt_path))
+    if refused is not None:
+        raise refused
     ensure_dataset(args, d)
     cache = not args.no_cache
     val_set = TrainWindows(args.DR, args.frame_H, args.frame_W, video_len=args.val_vi_len, split="val", cache=cache)
@@ -213,19 +290,27 @@ def _train(args, d):
               f"channels_last={speed.channels_last}, compile={speed.compile}; "
               f"{len(train_set)} windows of {args.train_vi_len} frames; writing to {args.save_root}", flush=True)
 
-    stop = StopRequest()
     stop.install()
     params = list(model.parameters())
     metrics_path = os.path.join(args.save_root, "metrics.jsonl")
     last = os.path.join(args.save_root, "last.ckpt")
+    if d.is_main:
+        trim_metrics(metrics_path, start_epoch)
+    nan_run = 0  # non-finite steps in a row, counted across epoch boundaries
     for epoch in range(start_epoch, args.num_epoch):
         t0 = time.time()
-        row, finished, prog = train_one_epoch(
-            train_model, optimizer, batches, epoch, args, speed, params, resume=progress,
-            should_stop=lambda: d.any(stop.requested, speed.device), is_main=d.is_main,
-            all_reduce=d.mean if d.enabled else None)
+        try:
+            row, finished, prog = train_one_epoch(
+                train_model, optimizer, batches, epoch, args, speed, params, resume=progress,
+                should_stop=lambda: d.any(stop.requested, speed.device), is_main=d.is_main,
+                all_reduce=d.sum if d.enabled else None, nan_run=nan_run)
+        except TrainingDiverged as e:
+            kept = (f"the last good checkpoint, {last}, is intact: resume it with a lower --lr "
+                    f"(python Trainer.py --resume {args.save_root} --lr ...)" if os.path.isfile(last)
+                    else "no checkpoint had been written yet")
+            raise TrainingDiverged(f"{e}; {kept}") from None
         progress = None
-        nan_skipped = prog["nan_skipped"]
+        nan_skipped, nan_run = prog["nan_skipped"], prog["nan_run"]
         if not finished:
             if d.is_main:
                 save_checkpoint(last, make_state(model, optimizer, args, epoch, prog, best_psnr, nan_skipped))
@@ -236,7 +321,10 @@ def _train(args, d):
         val = None
         if d.is_main and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.num_epoch):
             val = validate(model, val_set, args, speed)
-            row.update(val_psnr=val["psnr"], val_loss=val["loss"])
+            # The curve goes in the row (rounded: 629 numbers at the lab's length) so that
+            # scripts/plot_report.py needs nothing but metrics.jsonl.
+            row.update(val_psnr=val["psnr"], val_loss=val["loss"],
+                       val_psnr_per_frame=[round(x, 3) for x in val["psnr_per_frame"]])
             if args.store_visualization:
                 save_gif(side_by_side(val["pred"], val["gt"]), os.path.join(args.save_root, f"val_epoch{epoch + 1}.gif"))
                 save_psnr_plot({"val": val["psnr_per_frame"]}, os.path.join(args.save_root, f"val_psnr_epoch{epoch + 1}.png"))
@@ -244,14 +332,16 @@ def _train(args, d):
             is_best = val is not None and val["psnr"] > best_psnr
             if is_best:
                 best_psnr = val["psnr"]
+            # last.ckpt is written last: until it is, a resume redoes the epoch and rewrites the
+            # row (see trim_metrics) and the other checkpoints, whatever moment a crash hit.
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
             state = make_state(model, optimizer, args, epoch + 1, None, best_psnr, nan_skipped)
-            save_checkpoint(last, state)
             if is_best:
                 save_checkpoint(os.path.join(args.save_root, "best.ckpt"), state)
             if (epoch + 1) % args.per_save == 0:
                 save_checkpoint(os.path.join(args.save_root, f"epoch_{epoch + 1}.ckpt"), state)
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+            save_checkpoint(last, state)
             log_epoch(writer, row, val)
             vtxt = f" | val PSNR {val['psnr']:.2f} dB{' (best)' if is_best else ''}" if val else ""
             print(f"epoch {epoch + 1}/{args.num_epoch} | loss {row['loss']:.4g} | {args.recon} "
@@ -269,11 +359,22 @@ def main(argv=None):
     parser = trainer_parser()
     args = parser.parse_args(argv)
     try:
+        adopt_run_args(args, argv)
         check_trainer(args)
         return run(args)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the disk filled up, or a folder vanished or turned read-only mid-run
+        print(f"error: {e.filename or args.save_root}: {e.strerror or e}; free space or choose another "
+              "--save_root (checkpoints already written are intact)", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+        last = os.path.join(args.save_root or "", "last.ckpt")
+        where = (f"resume from the last checkpoint with: python Trainer.py --resume {args.save_root}"
+                 if args.save_root and os.path.isfile(last) else "no checkpoint was written")
+        print(f"error: interrupted; {where}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

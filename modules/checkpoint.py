@@ -8,7 +8,6 @@ Checkpoints written by lab code ({"state_dict": ..., "optimizer": ..., ...}) loa
 import errno
 import os
 import pickle
-import zipfile
 
 import torch
 
@@ -34,11 +33,14 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
+        # Also on KeyboardInterrupt (a second Ctrl-C mid-write): never leave a partial file behind.
         try:
             os.remove(tmp)
         except OSError:
             pass
+        if not isinstance(e, OSError):
+            raise
         why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise CheckpointError(f"cannot write checkpoint {path}: {why}; free space or choose another "
                               "--save_root (earlier checkpoints are untouched)") from None
@@ -46,16 +48,27 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     """Read a checkpoint onto the CPU, safely. Returns the dict; raises CheckpointError."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path} is a folder; pass a checkpoint file (e.g. {path}/last.ckpt), "
+                              "or resume the run in it with --resume")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise CheckpointError(f"refusing {path}: it holds pickled objects that could run code, not plain data "
-                              f"({str(e).splitlines()[0][:200]}). Re-save its state_dict with torch.save") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        # The safe unpickler names a refused class or function as "GLOBAL module.name"; any other
+        # refusal is an opcode it does not know, i.e. a file that is not a torch.save checkpoint.
+        code = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line]
+        if code:
+            raise CheckpointError(f"refusing {path}: it holds pickled objects that could run code, not plain data "
+                                  f"({code[0][:200]}); checkpoints are read with weights_only=True only. If you trust "
+                                  "its source, re-save just its state_dict with torch.save") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: it is not a PyTorch checkpoint; pass a file written "
+                              "by Trainer.py or torch.save") from None
+    except Exception as e:  # garbage makes torch.load raise almost anything (KeyError, EOFError, ...)
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch checkpoint "
-                              f"({type(e).__name__}); use an intact file, e.g. the run's last.ckpt") from None
+                              f"({type(e).__name__}); use an intact file, e.g. the run's last.ckpt or an "
+                              "epoch_N.ckpt") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     if "model" not in ckpt and "state_dict" not in ckpt:

@@ -25,9 +25,10 @@ class Dist:
         if self.enabled:
             dist.barrier()
 
-    def mean(self, t):
-        """All-reduce a tensor to its mean over ranks (sums of counts stay sums of counts when the
-        caller divides sums by summed counts; see engine.train_one_epoch)."""
+    def sum(self, t):
+        """A copy of `t` summed over ranks. For averages the caller sums values and counts and
+        divides afterwards (see engine.train_one_epoch), which stays right when ranks differ in
+        counts."""
         if not self.enabled:
             return t
         t = t.clone()

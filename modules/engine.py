@@ -59,6 +59,19 @@ class WindowBatches:
         return self.frames[frame_idx], self.labels[frame_idx]
 
 
+def posterior_noise(windows, epoch, seed, shape, device):
+    """Posterior noise eps (B, *shape) for the training windows (B,) of a step. Window w draws its
+    noise in `epoch` from a stream seeded by (seed, epoch, w), so the noise does not depend on the
+    batch the window lands in, the rank, the world size, or a resume: a torchrun job and one
+    process with the same global batch see the same z. One small draw per window."""
+    g = torch.Generator(device=device)
+    eps = []
+    for w in windows.tolist():
+        g.manual_seed(((seed * 1_000_003 + epoch) * 1_000_003 + w) % 2**63)
+        eps.append(torch.randn(shape, generator=g, device=device))
+    return torch.stack(eps)
+
+
 def epoch_settings(epoch, args):
     """beta, teacher-forcing ratio and data fraction of `epoch`: pure functions of the epoch."""
     beta = kl_beta(epoch, args.kl_anneal_type, args.num_epoch, args.kl_anneal_cycle, args.kl_anneal_ratio)
@@ -68,22 +81,36 @@ def epoch_settings(epoch, args):
 
 
 def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params, resume=None,
-                    should_stop=lambda: False, is_main=True, all_reduce=None):
+                    should_stop=lambda: False, is_main=True, all_reduce=None, nan_run=0):
     """Train one epoch; returns (metrics dict, finished: bool, progress dict).
 
-    resume: the progress dict of an interrupted epoch ({"step", "sums", ...}) to continue from.
-    Stops early (finished=False) when should_stop() turns true; the progress dict then holds
-    what a checkpoint needs to continue exactly. Metrics are averaged over the epoch's steps
-    (and over ranks when `all_reduce` is given)."""
+    nan_run: non-finite steps in a row at the end of the previous epoch (progress["nan_run"]), so
+    that --max_nan_steps counts across epochs shorter than it.
+
+    resume: the progress dict of an interrupted epoch ({"step", "windows", "sums", ...}) to
+    continue from. Stops early (finished=False) when should_stop() turns true; the progress dict
+    then holds what a checkpoint needs to continue. Metrics are averaged over the epoch's windows,
+    over all ranks when `all_reduce` (an all-reduce sum) is given."""
     beta, tfr, fraction = epoch_settings(epoch, args)
     coins = TeacherForcingCoins(args.seed, epoch, tfr, args.tf_mode)
     plan = batches.epoch(epoch, fraction)
     steps_per_epoch = len(plan)
     T = args.train_vi_len
-    start = resume["step"] if resume else 0
-    sums = (resume["sums"].to(speed.device) if resume else torch.zeros(4, device=speed.device))
+    global_batch = batches.batch_size * batches.world_size
+    # sums = (loss, recon, kl) weighted by windows, and the window count: averages that do not
+    # depend on the batch size or the world size, so an interrupted epoch resumes in either mode
+    # (from the step that holds its next window; with another global batch a few windows rerun).
+    start, sums = 0, torch.zeros(4, device=speed.device)
+    if resume:
+        if "windows" in resume:
+            start = resume["windows"] // global_batch
+            saved = resume["sums"]
+        else:  # written before sums were per window: one process, one count per step
+            start, saved = resume["step"], resume["sums"] * batches.batch_size
+        if is_main:  # saved sums are totals over the ranks of the interrupted run
+            sums = saved.to(speed.device)
     nan_total = resume.get("nan_skipped", 0) if resume else 0
-    nan_run = 0
+    nan_run = resume.get("nan_run", nan_run) if resume else nan_run
     bar = tqdm(range(steps_per_epoch), initial=start, total=steps_per_epoch, disable=not is_main,
                desc=f"epoch {epoch + 1}/{args.num_epoch}", dynamic_ncols=True, leave=False)
     train_model.train()
@@ -99,29 +126,37 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
             group["lr"] = lr
         img, label = batches.gather(plan[step])
         img, label = to_float(img, speed), to_float(label, speed)
+        eps = posterior_noise(plan[step], epoch, args.seed, (T - 1, args.N_dim, *img.shape[-2:]), speed.device)
         with speed.autocast():
-            out = train_model(img, label, tf, beta=beta, recon=args.recon, fast=speed.fast,
+            out = train_model(img, label, tf, eps=eps, beta=beta, recon=args.recon, fast=speed.fast,
                               grad_ckpt=args.grad_ckpt)
         loss = out["loss"]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         # A non-finite loss or gradient skips the update. This is the one host sync per step.
-        if not bool(torch.isfinite(loss.detach()) & torch.isfinite(norm)):
+        bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(norm))
+        if all_reduce is not None:
+            # Every rank must skip together, or the replicas drift apart (and one rank raising
+            # TrainingDiverged alone would leave the others waiting in the next collective).
+            bad = all_reduce(bad.float()) > 0
+        if bool(bad):
             nan_total += 1
             nan_run += 1
             if is_main:
                 warnings.warn(f"epoch {epoch + 1} step {step}: non-finite loss or gradient; step skipped "
                               f"({nan_run} in a row)", stacklevel=1)
             if nan_run >= args.max_nan_steps:
+                bar.close()  # clears the bar, so the error message starts its own line
                 raise TrainingDiverged(f"{nan_run} consecutive non-finite losses at epoch {epoch + 1}; "
                                        "try a lower --lr or --grad_clip")
             bar.update(1)
             continue
         nan_run = 0
         optimizer.step()
-        sums += torch.stack([loss.detach().float(), out["recon"].detach().float(),
-                             out["kl"].detach().float(), torch.ones((), device=speed.device)])
+        b = float(img.shape[0])  # loss, recon and kl are means over the step's windows
+        sums += torch.stack([loss.detach().float() * b, out["recon"].detach().float() * b,
+                             out["kl"].detach().float() * b, torch.full((), b, device=speed.device)])
         bar.update(1)
         if is_main and (step + 1) % args.log_every == 0:
             s = (sums[:3] / sums[3].clamp_min(1)).tolist()
@@ -131,14 +166,18 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
         step = steps_per_epoch
     bar.close()
     finished = step >= steps_per_epoch
-    progress = {"step": step, "sums": sums.detach().cpu(), "nan_skipped": nan_total}
     total = sums.clone()
     if all_reduce is not None:
         total = all_reduce(total)
-    n = max(total[3].item(), 1.0)
-    metrics = {"loss": total[0].item() / n, "mse" if args.recon == "mse" else "l1": total[1].item() / n,
-               "kl": total[2].item() / n, "beta": beta, "tfr": tfr, "tf_epoch_coin": coins.epoch_coin,
-               "lr": optimizer.param_groups[0]["lr"], "steps": int(total[3].item()), "nan_skipped": nan_total}
+    progress = {"step": step, "windows": step * global_batch, "sums": total.detach().cpu(),
+                "nan_skipped": nan_total, "nan_run": nan_run}
+    n = total[3].item()
+    nan = float("nan")  # an epoch whose every step was skipped has no average, not a loss of 0
+    metrics = {"loss": total[0].item() / n if n else nan,
+               "mse" if args.recon == "mse" else "l1": total[1].item() / n if n else nan,
+               "kl": total[2].item() / n if n else nan, "beta": beta, "tfr": tfr, "tf_epoch_coin": coins.epoch_coin,
+               "lr": optimizer.param_groups[0]["lr"], "steps": round(total[3].item() / global_batch),
+               "nan_skipped": nan_total}
     return metrics, finished, progress
 
 

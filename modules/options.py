@@ -1,6 +1,7 @@
 """The one argument builder. Trainer.py and Tester.py build their parsers from these parents, so a
 flag is declared once. Flag names and defaults are the lab's; additions follow the same style."""
 import argparse
+import os
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
 MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior")
@@ -81,9 +82,11 @@ def trainer_parser():
     g.add_argument("--test", action="store_true", help="only validate the checkpoint given by --ckpt_path")
     g.add_argument("--store_visualization", action="store_true",
                    help="also write the validation GIF and PSNR-per-frame PNG every validation")
-    g.add_argument("--ckpt_path", type=str, default=None, help="checkpoint to resume from")
+    g.add_argument("--ckpt_path", type=str, default=None,
+                   help="checkpoint to resume from; flags not given take the checkpoint's values")
     g.add_argument("--resume", type=str, default=None, metavar="SAVE_ROOT",
-                   help="resume the run in SAVE_ROOT from its newest checkpoint")
+                   help="resume the run in SAVE_ROOT from its newest checkpoint, with the run's flags "
+                        "(flags given here override them)")
     g.add_argument("--overwrite", action="store_true", help="allow writing into a save_root that has checkpoints")
     g.add_argument("--grad_ckpt", action="store_true",
                    help="activation checkpointing: recompute module internals in backward (less memory)")
@@ -142,17 +145,23 @@ def check_common(args):
     _positive(args, MODEL_DIMS + ("frame_H", "frame_W", "num_workers"))
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
-    if args.F_dim % 8 or args.D_out_dim % 8 or args.L_dim % 2 or args.N_dim % 4:
-        raise ConfigError("the modules divide their widths: --F_dim and --D_out_dim must be multiples of 8, "
-                          f"--L_dim of 2 and --N_dim of 4 (got {args.F_dim}, {args.D_out_dim}, "
-                          f"{args.L_dim}, {args.N_dim})")
+    # RGB_Encoder and Generator split their width in 8ths, Label_Encoder in halves, the Gaussian
+    # predictor in quarters.
+    bad = [f"--{n} {getattr(args, n)} is not a multiple of {m}"
+           for n, m in (("F_dim", 8), ("L_dim", 2), ("N_dim", 4), ("D_out_dim", 8)) if getattr(args, n) % m]
+    if bad:
+        raise ConfigError("the modules divide their widths: " + ", ".join(bad) + "; pick a multiple "
+                          "(defaults 128 / 32 / 12 / 192)")
     if (args.F_dim + args.L_dim + args.N_dim) % 4:
         raise ConfigError("--F_dim + --L_dim + --N_dim must be a multiple of 4 (the fusion divides it by 4)")
     args.device = args.device or default_device()
     if args.device.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"--device {args.device} was asked for but no CUDA GPU is available; use --device cpu")
-        idx = torch.device(args.device).index
+        try:
+            idx = torch.device(args.device).index
+        except RuntimeError:
+            raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}") from None
         if idx is not None and idx >= torch.cuda.device_count():
             raise ConfigError(f"--device {args.device}: only {torch.cuda.device_count()} GPU(s) visible")
     elif args.device != "cpu":
@@ -189,3 +198,25 @@ def check_tester(args):
     if args.test_len < 2:
         raise ConfigError(f"--test_len must be at least 2, got {args.test_len}")
     return args
+
+
+def given_flags(make_parser, argv):
+    """The dests of the flags written on the command line `argv` (None: sys.argv[1:]), as opposed
+    to those left at their defaults; abbreviations count (argparse resolves them)."""
+    p, unset = make_parser(), object()
+    # argparse fills in a default only where the namespace lacks the attribute.
+    ns = argparse.Namespace(**{k: unset for k in vars(p.parse_args([]))})
+    return {k for k, v in vars(p.parse_args(argv, namespace=ns)).items() if v is not unset}
+
+
+def writable_folder(path, flag="--save_root"):
+    """Create `path` if needed and check that a file can be written in it. Raises ConfigError."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path} is not writable ({e.strerror or e}); choose another folder") from None
+    return path

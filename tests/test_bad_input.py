@@ -1,0 +1,229 @@
+"""Bad input (issue 5): each answered by Trainer.py or Tester.py with one `error: ...` line on
+stderr that names the thing and the fix, exit code 2, and no traceback. Tiny data, CPU, in process.
+"""
+import os
+import shutil
+
+import pytest
+import torch
+
+import Tester
+import Trainer
+
+TINY = ["--F_dim", "16", "--L_dim", "8", "--N_dim", "4", "--D_out_dim", "16", "--val_vi_len", "20",
+        "--batch_size", "2", "--device", "cpu", "--amp", "off"]
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_dance, tmp_path_factory):
+    """A one-step run: (dataset copy, its last.ckpt)."""
+    base = tmp_path_factory.mktemp("bad")
+    dr = str(base / "DR")
+    shutil.copytree(tiny_dance, dr)
+    run = str(base / "run")
+    assert Trainer.main(["--DR", dr, *TINY, "--num_epoch", "1", "--train_vi_len", "4", "--partial", "0.09",
+                         "--save_root", run]) == 0
+    return dr, os.path.join(run, "last.ckpt")
+
+
+def error_of(main, argv, capsys):
+    """Run main(argv); return its one `error: ...` line after checking exit code 2."""
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def args_for_trainer(dr, *extra):
+    return ["--DR", dr, *TINY, "--num_epoch", "1", *extra]
+
+
+def args_for_tester(dr, ckpt, *extra):
+    return ["--DR", dr, "--ckpt_path", ckpt, "--device", "cpu", "--test_len", "20", "--no_gif", *extra]
+
+
+# ----------------------------------------------------------------------------- flag values
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tfr", "1.5"], "--tfr must lie in [0, 1], got 1.5"),
+    (["--tfr", "-0.1"], "--tfr must lie in [0, 1], got -0.1"),
+    (["--num_epoch", "0"], "--num_epoch must be positive, got 0"),
+    (["--batch_size", "0"], "--batch_size must be positive, got 0"),
+    (["--batch_size", "-2"], "--batch_size must be positive, got -2"),
+    (["--lr", "0"], "--lr must be positive"),
+    (["--train_vi_len", "1"], "--train_vi_len must be at least 2"),
+    (["--val_vi_len", "0"], "--val_vi_len must be positive, got 0"),
+    (["--frame_H", "0"], "--frame_H must be positive, got 0"),
+    (["--F_dim", "0"], "--F_dim must be positive, got 0"),
+    (["--N_dim", "-4"], "--N_dim must be positive, got -4"),
+    (["--F_dim", "12"], "--F_dim 12 is not a multiple of 8"),
+    (["--L_dim", "3"], "--L_dim 3 is not a multiple of 2"),
+    (["--N_dim", "6"], "--N_dim 6 is not a multiple of 4"),
+    (["--D_out_dim", "20"], "--D_out_dim 20 is not a multiple of 8"),
+    (["--kl_anneal_ratio", "0"], "--kl_anneal_ratio must be positive, got 0"),
+    (["--kl_anneal_ratio", "-0.5"], "--kl_anneal_ratio must be positive"),
+    (["--partial", "0"], "--partial must lie in (0, 1]"),
+    (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+])
+def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
+    line = error_of(Trainer.main, [*args_for_trainer(trained[0]), *flags, "--save_root", tmp_path / "run"], capsys)
+    assert message in line
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--test_len", "1"], "--test_len must be at least 2"),
+    (["--test_len", "0"], "--test_len must be positive, got 0"),
+    (["--num_samples", "0"], "--num_samples must be positive, got 0"),
+    (["--batch_size", "0"], "--batch_size must be positive, got 0"),
+])
+def test_tester_flag_out_of_range(trained, capsys, flags, message):
+    assert message in error_of(Tester.main, args_for_tester(*trained, *flags), capsys)
+
+
+@pytest.mark.parametrize("main", [Trainer.main, Tester.main], ids=["Trainer", "Tester"])
+def test_cuda_asked_for_without_a_gpu(trained, tmp_path, monkeypatch, capsys, main):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    argv = args_for_trainer(trained[0]) if main is Trainer.main else args_for_tester(*trained)
+    line = error_of(main, [*argv, "--device", "cuda", "--save_root", tmp_path / "out"], capsys)
+    assert "--device cuda was asked for but no CUDA GPU is available; use --device cpu" in line
+
+
+def test_malformed_flag_value_is_argparse_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        Trainer.main(["--num_epoch", "three"])
+    assert exit_.value.code == 2
+    assert "argument --num_epoch: invalid int value: 'three'" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+class RunsCode:
+    """Unpickling this would create a folder: proof that loading ran code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.makedirs, (self.marker,)
+
+
+def make_bad_checkpoint(kind, good, folder):
+    path = os.path.join(folder, f"{kind}.ckpt")
+    with open(good, "rb") as f:
+        data = f.read()
+    if kind == "missing":
+        return path
+    if kind == "folder":
+        return folder
+    with open(path, "wb") as f:
+        f.write({"empty": b"", "truncated": data[:len(data) // 2], "text": b"epoch 3, loss 0.1\n"}.get(kind, b""))
+    if kind == "image":
+        path = os.path.join(folder, "frame0.png")
+        from PIL import Image
+        Image.new("RGB", (64, 32)).save(path)
+    elif kind == "tensor":
+        torch.save(torch.zeros(3), path)
+    elif kind == "no_model":
+        torch.save({"epoch": 3, "optimizer": {}}, path)
+    elif kind == "code":
+        torch.save({"model": RunsCode(os.path.join(folder, "PWNED"))}, path)
+    return path
+
+
+BAD_CHECKPOINTS = {
+    "missing": "does not exist; check --ckpt_path",
+    "folder": "is a folder; pass a checkpoint file",
+    "empty": "it is truncated or not a PyTorch checkpoint",
+    "truncated": "it is truncated or not a PyTorch checkpoint",
+    "text": "it is truncated or not a PyTorch checkpoint",
+    "image": "it is not a PyTorch checkpoint",
+    "tensor": "is not a checkpoint (it holds a Tensor, not a dict)",
+    "no_model": "is not a checkpoint of this model (no 'model' or 'state_dict' entry)",
+    "code": "it holds pickled objects that could run code",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_CHECKPOINTS))
+@pytest.mark.parametrize("main", [Trainer.main, Tester.main], ids=["Trainer", "Tester"])
+def test_bad_checkpoint(trained, tmp_path, capsys, main, kind):
+    dr, good = trained
+    path = make_bad_checkpoint(kind, good, str(tmp_path))
+    argv = ([*args_for_trainer(dr), "--ckpt_path", path, "--save_root", tmp_path / "run"] if main is Trainer.main
+            else args_for_tester(dr, path, "--save_root", tmp_path / "out"))
+    line = error_of(main, argv, capsys)
+    assert path in line and BAD_CHECKPOINTS[kind] in line
+    if kind == "code":
+        assert "os.makedirs" in line and "weights_only=True" in line
+        assert not os.path.exists(os.path.join(tmp_path, "PWNED"))  # nothing was executed
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--F_dim", "32"], ["--F_dim 32 (checkpoint: 16)"]),
+    (["--N_dim", "8", "--D_out_dim", "32"], ["--N_dim 8 (checkpoint: 4)", "--D_out_dim 32 (checkpoint: 16)"]),
+    (["--prior", "learned"], ["--prior learned (checkpoint: fixed)"]),
+])
+def test_checkpoint_for_other_dims_names_the_flag(trained, tmp_path, capsys, flags, named):
+    dr, good = trained
+    line = error_of(Trainer.main, ["--ckpt_path", good, *flags, "--save_root", tmp_path / "run"], capsys)
+    assert f"{good} was written for other model dims" in line
+    assert all(n in line for n in named)
+
+
+def test_lab_checkpoint_with_other_dims_names_the_flags(trained, tmp_path, capsys):
+    """Checkpoints written by lab code hold only {"state_dict", ...}; the dims come off the weights."""
+    dr, good = trained
+    lab = str(tmp_path / "lab.ckpt")
+    torch.save({"state_dict": torch.load(good, weights_only=True)["model"], "optimizer": {}}, lab)
+    line = error_of(Trainer.main, ["--DR", dr, "--device", "cpu", "--val_vi_len", "20", "--ckpt_path", lab,
+                                   "--save_root", tmp_path / "run"], capsys)
+    assert "--F_dim 128 (checkpoint: 16)" in line and "--L_dim 32 (checkpoint: 8)" in line
+
+
+# ----------------------------------------------------------------------------- dataset
+
+def broken_copy(dr, tmp_path, how):
+    out = str(tmp_path / "DR")
+    shutil.copytree(dr, out)
+    if how == "corrupt_frame":
+        with open(os.path.join(out, "train", "train_img", "frame5.png"), "wb") as f:
+            f.write(b"\x89PNG\r\n\x1a\n cut short")
+    elif how == "missing_label":
+        os.remove(os.path.join(out, "train", "train_label", "frame7.png"))
+    elif how == "short_test_sequence":
+        for i in range(15, 20):
+            os.remove(os.path.join(out, "test", "test_label", "1", f"frame{i}.png"))
+    elif how == "corrupt_test_frame":
+        with open(os.path.join(out, "test", "test_img", "0", "frame0.png"), "wb") as f:
+            f.write(b"not an image")
+    return out
+
+
+@pytest.mark.parametrize("how, extra, message", [
+    ("missing_root", [], "dataset root {dr} not found"),
+    ("corrupt_frame", [], "cannot read {dr}/train/train_img/frame5.png"),
+    ("missing_label", [], "{dr}/train/train_img/frame7.png has no label {dr}/train/train_label/frame7.png"),
+    ("intact", ["--train_vi_len", "40"], "fewer than one sequence of 40; lower --train_vi_len"),
+    ("intact", ["--val_vi_len", "30"], "fewer than one sequence of 30; lower --val_vi_len"),
+])
+def test_trainer_dataset_problem(trained, tmp_path, capsys, how, extra, message):
+    dr = str(tmp_path / "nowhere") if how == "missing_root" else broken_copy(trained[0], tmp_path, how)
+    argv = [*args_for_trainer(dr), "--no_cache", *extra, "--save_root", tmp_path / "run"]
+    line = error_of(Trainer.main, argv, capsys)
+    assert message.format(dr=dr) in line
+
+
+@pytest.mark.parametrize("how, extra, message", [
+    ("missing_root", [], "dataset root {dr} not found"),
+    ("short_test_sequence", [], "{dr}/test/test_label/1 holds 15 pose labels but test_len is 20; pass --test_len 15"),
+    ("intact", ["--test_len", "30"], "holds 20 pose labels but test_len is 30"),
+    ("corrupt_test_frame", [], "cannot read {dr}/test/test_img/0/frame0.png"),
+])
+def test_tester_dataset_problem(trained, tmp_path, capsys, how, extra, message):
+    dr = str(tmp_path / "nowhere") if how == "missing_root" else broken_copy(trained[0], tmp_path, how)
+    argv = [*args_for_tester(dr, trained[1], "--no_cache", *extra), "--save_root", tmp_path / "out"]
+    line = error_of(Tester.main, argv, capsys)
+    assert message.format(dr=dr) in line

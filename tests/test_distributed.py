@@ -1,0 +1,211 @@
+"""torchrun support: a real 2-process run on the CPU (gloo) against one process with the doubled
+batch, its checkpoint in the Tester and in a single-process resume, a SIGTERM under torchrun; and
+the pieces that make the two runs comparable (shards, per-window noise, resumable progress)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import Tester
+from modules.engine import WindowBatches, posterior_noise, train_one_epoch
+from modules.options import trainer_parser
+from modules.runtime import Speed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# --no_cache: the dataset fixture is shared, and the runs must not write into it.
+TINY = ["--F_dim", "16", "--L_dim", "8", "--N_dim", "4", "--D_out_dim", "16", "--val_vi_len", "20",
+        "--device", "cpu", "--amp", "off", "--no_cache"]
+# Full_KL puts the KL in the loss from epoch 1 (the cyclical schedule starts at beta 0).
+COMPARE = ["--num_epoch", "1", "--kl_anneal_type", "Full_KL"]
+
+needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
+                                reason="torch.distributed with gloo is not available")
+
+
+def _env():
+    # One thread per process as torchrun sets it, so the two processes do not fight over 2 cores.
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def _torchrun(*args):
+    # `python -m torch.distributed.run` is the torchrun command, run by this interpreter.
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            os.path.join(ROOT, "Trainer.py"), *args]
+
+
+def _trainer(*args):
+    return [sys.executable, os.path.join(ROOT, "Trainer.py"), *args]
+
+
+def _start(cmd):
+    return cmd, subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                 text=True)
+
+
+def _finish(job, timeout=180):
+    cmd, proc = job
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, f"{' '.join(cmd)}\nexit {proc.returncode}\n{out[-3000:]}\n{err[-3000:]}"
+    return out
+
+
+def _run(cmd):
+    return _finish(_start(cmd))
+
+
+def _rows(save_root):
+    with open(os.path.join(save_root, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@needs_gloo
+def test_torchrun_two_processes_match_one_with_doubled_batch(tiny_dance, tmp_path):
+    data = ["--DR", str(tiny_dance), *TINY]
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    # Side by side: the single process uses one thread, so it takes the core torchrun leaves idle.
+    jobs = [_start(_torchrun(*data, *COMPARE, "--batch_size", "1", "--save_root", str(ddp))),
+            _start(_trainer(*data, *COMPARE, "--batch_size", "2", "--save_root", str(single)))]
+    out = _finish(jobs[0])
+    _finish(jobs[1])
+    assert "(2 process(es))" in out
+
+    # Rank 0 alone logs and writes: one metrics row, one TensorBoard file, plain checkpoints.
+    rows, ref = _rows(ddp), _rows(single)
+    assert len(rows) == 1 and len(ref) == 1
+    assert len(list(ddp.glob("events.out.tfevents.*"))) == 1
+    assert sorted(p.name for p in ddp.glob("*.ckpt")) == ["best.ckpt", "last.ckpt"]
+    assert not list(ddp.glob("*.tmp*"))
+    ckpt = torch.load(ddp / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 1 and ckpt["progress"] is None
+    assert not any(k.startswith("module.") for k in ckpt["model"])
+
+    # 6 windows: 3 steps of 2 windows in both runs, the same global batches and posterior noise.
+    # What remains is BatchNorm in the pose encoder: on the CPU there is no SyncBatchNorm, so each
+    # rank normalises by the statistics of its own window instead of the pair's. Measured: 9e-6
+    # (loss) and 3e-6 (mse) relative. A sharding error is far larger: the per-window mse here
+    # ranges 0.18-0.34 and the KL 457-563, so a rank training on the wrong windows moves the
+    # epoch mse by >10% and the loss by >0.2%.
+    assert rows[0]["steps"] == ref[0]["steps"] == 3
+    for key in ("loss", "mse", "kl"):
+        assert rows[0][key] == pytest.approx(ref[0][key], rel=2e-4), key
+
+    # The checkpoint loads in a single-process Tester ...
+    assert Tester.main(["--ckpt_path", str(ddp / "last.ckpt"), "--DR", str(tiny_dance), "--test_len", "20",
+                        "--device", "cpu", "--plain", "--no_cache", "--no_gif",
+                        "--save_root", str(tmp_path / "test")]) == 0
+    assert (tmp_path / "test" / "submission.csv").is_file()
+    # ... and resumes in a single process, continuing the run folder at epoch 2.
+    out = _run(_trainer(*data, "--kl_anneal_type", "Full_KL", "--num_epoch", "2", "--batch_size", "2",
+                        "--ckpt_path", str(ddp / "last.ckpt")))
+    assert "Resuming" in out and "epoch 2" in out
+    assert [r["epoch"] for r in _rows(ddp)] == [1, 2]
+
+
+@needs_gloo
+def test_sigterm_under_torchrun_stops_all_ranks_with_a_checkpoint(tiny_dance, tmp_path):
+    """torchrun forwards SIGTERM (and Ctrl-C's SIGINT) to every worker; the ranks agree on the stop
+    flag at the next step, rank 0 writes last.ckpt, and all exit: no rank waits in a collective."""
+    save = tmp_path / "run"
+    cmd = _torchrun("--DR", str(tiny_dance), *TINY, "--num_epoch", "50", "--val_every", "100",
+                    "--batch_size", "1", "--save_root", str(save))
+    log = open(tmp_path / "log.txt", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 90
+        while not (save / "metrics.jsonl").exists():  # one epoch done: the workers are training
+            assert proc.poll() is None and time.time() < deadline, "the run did not start training"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        t0 = time.time()
+        # torchrun SIGKILLs workers 30 s after forwarding; stopping must take about one step.
+        proc.wait(timeout=45)
+        took = time.time() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    text = log.read()
+    assert "Stopped at epoch" in text, text[-3000:]
+    assert took < 20, f"stopping took {took:.1f} s"
+    ckpt = torch.load(save / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 1 <= ckpt["epoch"] < 50
+    if ckpt["progress"] is not None:
+        assert ckpt["progress"]["windows"] == 2 * ckpt["progress"]["step"]
+
+
+# ----------------------------------------------------------------------------- pieces
+
+class _Windows:
+    """What WindowBatches reads from a TrainWindows: n windows of T frames, frame value = window."""
+
+    def __init__(self, n, T=3):
+        v = torch.arange(n).repeat_interleave(T).to(torch.uint8)
+        self.frames = v[:, None, None, None].expand(-1, 3, 2, 2).contiguous()
+        self.labels = self.frames.clone()
+        self.starts = torch.arange(n) * T
+        self.video_len = T
+
+
+def test_rank_shards_make_the_single_process_batches():
+    data = _Windows(10)
+    for epoch in range(3):
+        one = WindowBatches(data, 2, torch.device("cpu"), seed=5).epoch(epoch)  # (5, 2)
+        shards = [WindowBatches(data, 1, torch.device("cpu"), seed=5, rank=r, world_size=2).epoch(epoch)
+                  for r in range(2)]
+        assert [sorted(b.tolist()) for b in one] == [sorted(b.tolist()) for b in torch.cat(shards, 1)]
+
+
+def test_posterior_noise_depends_on_the_window_not_the_batch():
+    shape = (2, 4, 3, 5)
+    both = posterior_noise(torch.tensor([7, 2]), 3, 0, shape, torch.device("cpu"))
+    assert both.shape == (2, *shape)
+    assert torch.equal(both[1], posterior_noise(torch.tensor([2]), 3, 0, shape, torch.device("cpu"))[0])
+    assert not torch.equal(both[1], posterior_noise(torch.tensor([2]), 4, 0, shape, torch.device("cpu"))[0])
+
+
+class _Recorder(torch.nn.Module):
+    """Stands in for the model: records the windows it trains on."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+        self.seen = []
+
+    def forward(self, img, label, tf, eps=None, **kw):
+        self.seen += (img[:, 0, 0, 0, 0] * 255).round().long().tolist()
+        loss = (self.w * img.mean()) ** 2
+        return {"loss": loss, "recon": loss, "kl": loss.detach() * 0}
+
+
+def test_interrupted_epoch_resumes_with_another_global_batch():
+    """A checkpoint counts progress in windows, so 2 steps of 1 window resume as 1 step of 2."""
+    args = trainer_parser().parse_args(["--train_vi_len", "3", "--scheduler", "none", "--N_dim", "4"])
+    speed = Speed(torch.device("cpu"), amp=False, channels_last=False, compile=False, cuda_graphs=False,
+                  fast=False)
+    data = _Windows(6)
+    order = WindowBatches(data, 6, speed.device, args.seed).epoch(0)[0].tolist()
+
+    model = _Recorder()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    calls = iter(range(100))
+    _, finished, progress = train_one_epoch(model, opt, WindowBatches(data, 1, speed.device, args.seed), 0, args,
+                                            speed, list(model.parameters()), should_stop=lambda: next(calls) >= 2)
+    assert not finished and progress["step"] == 2 and progress["windows"] == 2
+    assert model.seen == order[:2]
+
+    model.seen = []
+    metrics, finished, _ = train_one_epoch(model, opt, WindowBatches(data, 2, speed.device, args.seed), 0, args,
+                                           speed, list(model.parameters()), resume=progress)
+    assert finished and model.seen == order[2:]
+    assert metrics["steps"] == 3  # 6 windows in steps of 2

@@ -1,0 +1,357 @@
+"""Faults a training run must survive (issue 5), on tiny data on the CPU: Ctrl-C and SIGTERM,
+kill -9 at any moment (also in the middle of a checkpoint write), non-finite losses, a full disk
+or an unwritable folder, and an existing save_root. Each checks the exit code, the message, and
+that nothing was lost: earlier checkpoints load, and a resumed run matches the uninterrupted one
+epoch by epoch. The kill tests run a real `Trainer.py` process and signal or kill it.
+"""
+import errno
+import glob
+import hashlib
+import json
+import os
+import queue
+import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import warnings
+
+import pytest
+import torch
+
+import Tester
+import Trainer
+from modules.checkpoint import load_checkpoint
+from modules.model import VAE_Model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--F_dim", "16", "--L_dim", "8", "--N_dim", "4", "--D_out_dim", "16", "--val_vi_len", "20",
+        "--batch_size", "2", "--device", "cpu", "--amp", "off"]
+# Every schedule moves inside these 3 epochs (6 steps each, a checkpoint each), so a resume that
+# restored any of them wrong shows in the metrics: cosine lr with warm-up (changes every step), Monotonic beta,
+# a decaying teacher-forcing ratio with one coin per step, and Adam's state.
+RUN = TINY + ["--num_epoch", "3", "--train_vi_len", "4", "--partial", "0.5", "--scheduler", "cosine",
+              "--warmup_epochs", "1", "--kl_anneal_type", "Monotonic", "--tfr_sde", "1", "--tfr_d_step", "0.4",
+              "--tf_mode", "step", "--per_save", "1"]
+SHORT = TINY + ["--train_vi_len", "4", "--partial", "0.25"]  # 3 steps of 2 x 4 frames an epoch
+# One thread in and out of process: the same arithmetic (so runs compare exactly), and no thread
+# oversubscription on a 2-core CI machine.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def dr(tiny_dance, tmp_path_factory):
+    """A private copy of the tiny dataset (training writes its decoded-frame cache beside it)."""
+    path = tmp_path_factory.mktemp("rel") / "DR"
+    shutil.copytree(tiny_dance, path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def baseline(dr, tmp_path_factory):
+    """The uninterrupted 3-epoch run every resumed run must reproduce."""
+    run = str(tmp_path_factory.mktemp("baseline") / "run")
+    assert Trainer.main(["--DR", dr, *RUN, "--save_root", run]) == 0
+    return run
+
+
+def rows(run):
+    """metrics.jsonl without the wall-clock time."""
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k != "time_s"} for line in f]
+
+
+def digests(run):
+    out = {}
+    for path in sorted(glob.glob(os.path.join(run, "*.ckpt"))):
+        with open(path, "rb") as f:
+            out[os.path.basename(path)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+def error_line(err):
+    """The one `error: ...` line of stderr (and no traceback)."""
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def spawn(args, cwd, stdout=subprocess.PIPE):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "Trainer.py"), *map(str, args)], cwd=cwd,
+                            env=ENV, stdout=stdout, stderr=subprocess.STDOUT, text=True)
+
+
+class Lines:
+    """A child's output read by a thread, so waiting for a line has a deadline."""
+
+    def __init__(self, proc):
+        self.queue, self.seen = queue.Queue(), []
+        threading.Thread(target=self._pump, args=(proc.stdout,), daemon=True).start()
+
+    def _pump(self, stream):
+        for line in stream:  # text mode splits tqdm's \r updates into lines too
+            self.queue.put(line)
+        self.queue.put(None)
+
+    def wait_for(self, pattern, timeout=120):
+        deadline = time.time() + timeout
+        while True:
+            line = self.queue.get(timeout=max(deadline - time.time(), 0.01))
+            if line is None:
+                pytest.fail(f"exited before printing {pattern!r}:\n{''.join(self.seen)}")
+            self.seen.append(line)
+            found = re.search(pattern, line)
+            if found:
+                return found
+
+    def rest(self):
+        while (line := self.queue.get(timeout=60)) is not None:
+            self.seen.append(line)
+        return "".join(self.seen)
+
+
+def run_from(baseline, epoch, run):
+    """A run folder as the baseline left it after `epoch` epochs (its checkpoint and rows)."""
+    os.makedirs(run)
+    shutil.copy(os.path.join(baseline, f"epoch_{epoch}.ckpt"), os.path.join(run, "last.ckpt"))
+    with open(os.path.join(baseline, "metrics.jsonl")) as f, open(os.path.join(run, "metrics.jsonl"), "w") as g:
+        g.writelines(f.readlines()[:epoch])
+    return run
+
+
+def signal_mid_epoch(proc, epoch, sig):
+    """Send `sig` once the progress bar shows a step of `epoch` done and more to come."""
+    lines = Lines(proc)
+    lines.wait_for(rf"epoch {epoch}/3:.*\| [1-5]/6 \[")
+    proc.send_signal(sig)
+    return proc.wait(timeout=120), lines.rest()
+
+
+# ----------------------------------------------------------------------------- Ctrl-C, SIGTERM
+
+def test_ctrl_c_and_sigterm_save_mid_epoch_and_resume_exactly(baseline, tmp_path):
+    run = run_from(baseline, 1, str(tmp_path / "run"))
+    last = os.path.join(run, "last.ckpt")
+    rc, out = signal_mid_epoch(spawn(["--resume", run], tmp_path), 2, signal.SIGINT)
+    assert rc == 130, out
+    assert "SIGINT received" in out and "Traceback" not in out
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 1 and ckpt["progress"]["step"] >= 1  # inside epoch 2
+    # The run says how to resume; that command, as printed, continues it.
+    command = re.search(r"Resume with: python Trainer.py (.+)", out).group(1).split()
+    assert command == ["--resume", run]
+
+    rc, out = signal_mid_epoch(spawn(command, tmp_path), 3, signal.SIGTERM)
+    assert rc == 143, out
+    assert f"Resuming {last} at epoch 2, step {ckpt['progress']['step']}" in out and "SIGTERM received" in out
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 2 and ckpt["progress"]["step"] >= 1
+
+    assert Trainer.main(["--ckpt_path", last]) == 0
+    assert rows(run) == rows(baseline)
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+def kill_at_write(proc, run, nth):
+    """SIGKILL the moment the `nth` checkpoint write of this process opens its temporary file."""
+    seen = set()
+    while proc.poll() is None:
+        seen.update(n for n in os.listdir(run) if n.endswith(f".ckpt.tmp{proc.pid}"))
+        if len(seen) >= nth:
+            proc.kill()
+            break
+        time.sleep(0.0002)
+    return proc.wait(timeout=60)
+
+
+def check_nothing_lost(run, pid):
+    """Every checkpoint on disk loads; a temporary file is the only casualty. Returns whether the
+    kill caught process `pid` inside a write."""
+    names = os.listdir(run)
+    for name in names:
+        if name.endswith(".ckpt"):
+            load_checkpoint(os.path.join(run, name))
+        else:
+            assert re.search(r"\.tmp\d+$", name) or name in ("args.json", "metrics.jsonl") \
+                or name.startswith("events."), name
+    return any(n.endswith(f".ckpt.tmp{pid}") for n in names)
+
+
+def test_kill_9_at_any_moment_loses_nothing_and_resumes_exactly(baseline, tmp_path):
+    run = run_from(baseline, 2, str(tmp_path / "run"))
+    # Inside the second checkpoint write at the end of epoch 3 (of best.ckpt, epoch_3.ckpt,
+    # last.ckpt): after the metrics row and maybe a checkpoint, before the epoch is committed.
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = spawn(["--resume", run], tmp_path, stdout=log)
+        rc = kill_at_write(proc, run, 2)
+    assert rc == -signal.SIGKILL, (tmp_path / "log.txt").read_text()
+    assert check_nothing_lost(run, proc.pid)
+    assert load_checkpoint(os.path.join(run, "last.ckpt"))["epoch"] == 2
+    # At a random moment of the epoch: a step, validation or a write (or just after the end).
+    proc = spawn(["--resume", run], tmp_path)
+    Lines(proc).wait_for("Resuming")
+    time.sleep(random.Random(os.getpid()).uniform(0.0, 1.5))
+    proc.kill()
+    assert proc.wait(timeout=60) in (-signal.SIGKILL, 0)
+    check_nothing_lost(run, proc.pid)
+
+    assert Trainer.main(["--ckpt_path", os.path.join(run, "last.ckpt")]) == 0
+    assert rows(run) == rows(baseline)
+
+
+def test_resume_finds_the_newest_checkpoint_without_last_ckpt(baseline, tmp_path, capsys):
+    """A crash can leave a folder without last.ckpt (it is written last): --resume takes the
+    newest checkpoint there is, and says so when there is none."""
+    run = str(tmp_path / "run")
+    os.makedirs(run)
+    assert Trainer.main(["--resume", run]) == 2
+    assert "no checkpoint (*.ckpt) in that folder, so nothing to resume" in error_line(capsys.readouterr().err)
+    for epoch in (1, 2):
+        shutil.copy2(os.path.join(baseline, f"epoch_{epoch}.ckpt"), run)
+    assert Trainer.main(["--resume", run, "--num_epoch", "2"]) == 0  # nothing left to train
+    assert f"Resuming {os.path.join(run, 'epoch_2.ckpt')} at epoch 3" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- NaN / Inf
+
+def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run(dr, tmp_path, monkeypatch, capsys):
+    """3 steps an epoch: forward call 2 turns NaN (skipped, counted, run goes on), then every call
+    from 5 on: 2 bad steps end epoch 2 and 2 more start epoch 3, a streak of 4 = --max_nan_steps
+    across the epoch boundary."""
+    forward, calls = VAE_Model.forward, []
+
+    def poisoned(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        calls.append(1)
+        if len(calls) == 2 or len(calls) >= 5:
+            out = dict(out, loss=out["loss"] * float("nan"))
+        return out
+
+    monkeypatch.setattr(VAE_Model, "forward", poisoned)
+    run = str(tmp_path / "run")
+    handler = signal.getsignal(signal.SIGINT)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "4", "--max_nan_steps", "4", "--save_root", run])
+    err = capsys.readouterr().err
+    assert rc == 2
+    line = error_line(err)
+    assert "4 consecutive non-finite losses at epoch 3" in line and "--lr" in line
+    assert f"the last good checkpoint, {os.path.join(run, 'last.ckpt')}, is intact" in line
+    skipped = [str(w.message) for w in caught if "non-finite" in str(w.message)]
+    assert len(skipped) == 5 and "step skipped" in skipped[0]
+    first, second = rows(run)
+    assert (first["nan_skipped"], first["steps"], second["nan_skipped"], second["steps"]) == (1, 2, 2, 1)
+    assert all(map(torch.isfinite, (torch.tensor(first["loss"]), torch.tensor(second["loss"]))))
+    ckpt = load_checkpoint(os.path.join(run, "last.ckpt"))
+    assert ckpt["epoch"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+    assert signal.getsignal(signal.SIGINT) is handler  # main() put the Ctrl-C handler back
+
+
+def test_a_real_divergence_stops_with_a_message(dr, tmp_path, capsys):
+    """No patching: a learning rate of 1e12 blows the weights up after one step."""
+    with pytest.warns(UserWarning, match="non-finite loss or gradient; step skipped"):
+        rc = Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "2", "--lr", "1e12", "--max_nan_steps", "2",
+                           "--save_root", str(tmp_path / "run")])
+    assert rc == 2
+    line = error_line(capsys.readouterr().err)
+    assert "2 consecutive non-finite losses at epoch 1" in line and "no checkpoint had been written yet" in line
+
+
+# ----------------------------------------------------------------------------- disk, folders
+
+@pytest.mark.parametrize("fault", ["disk full mid-write", "folder turned read-only"])
+def test_failed_checkpoint_write_keeps_earlier_checkpoints(baseline, tmp_path, monkeypatch, capsys, fault):
+    run = str(tmp_path / "run")
+    shutil.copytree(baseline, run)
+    before = digests(run)
+    if fault == "disk full mid-write":
+        real_save, expect = torch.save, "the disk is full"
+
+        def save(obj, f, *a, **kw):
+            if ".ckpt.tmp" in str(getattr(f, "name", f)):
+                f.write(b"PK\x03\x04 half a checkpoint")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_save(obj, f, *a, **kw)
+        monkeypatch.setattr(torch, "save", save)
+    else:
+        real_replace, expect = os.replace, os.strerror(errno.EROFS)
+
+        def replace(src, dst, *a, **kw):
+            if str(dst).endswith(".ckpt"):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(dst))
+            return real_replace(src, dst, *a, **kw)
+        monkeypatch.setattr(os, "replace", replace)
+    rc = Trainer.main(["--resume", run, "--num_epoch", "4", "--partial", "0.17"])
+    assert rc == 2
+    line = error_line(capsys.readouterr().err)
+    # The first write of epoch 4 fails (best.ckpt or last.ckpt, whichever comes first).
+    assert re.search(rf"cannot write checkpoint {re.escape(run)}/\w+\.ckpt: {expect}", line), line
+    assert "earlier checkpoints are untouched" in line
+    monkeypatch.undo()
+    assert digests(run) == before
+    assert not [n for n in os.listdir(run) if ".tmp" in n]
+    for name in before:
+        load_checkpoint(os.path.join(run, name))
+
+
+def test_unwritable_save_root_is_refused_before_any_work(baseline, dr, tmp_path, capsys):
+    # Under a regular file no one can create a folder, root included (chmod does not stop root).
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    assert Trainer.main(["--DR", dr, *TINY, "--save_root", str(blocked / "run")]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"--save_root {blocked / 'run'} is not writable" in line and "choose another folder" in line
+    assert Tester.main(["--DR", dr, "--device", "cpu", "--test_len", "20", "--no_gif",
+                        "--ckpt_path", os.path.join(baseline, "last.ckpt"), "--save_root", str(blocked / "out")]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"--save_root {blocked / 'out'} is not writable" in line
+
+
+def test_existing_save_root_is_never_silently_overwritten(baseline, dr, tmp_path, capsys):
+    run = str(tmp_path / "run")
+    shutil.copytree(baseline, run)
+    before = digests(run)
+    one_step = ["--DR", dr, *TINY, "--num_epoch", "1", "--train_vi_len", "4", "--partial", "0.09"]
+    assert Trainer.main([*one_step, "--save_root", run]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"--save_root {run} already holds checkpoints" in line
+    assert f"--resume {run}" in line and "another --save_root" in line and "--overwrite" in line
+    # Continuing another run's checkpoint into this folder is refused too.
+    other = os.path.join(baseline, "epoch_2.ckpt")
+    assert Trainer.main(["--ckpt_path", other, "--save_root", run]) == 2
+    assert "already holds checkpoints" in error_line(capsys.readouterr().err)
+    assert digests(run) == before
+    # --overwrite is the explicit way; the old run's metrics do not leak into the new one's.
+    assert Trainer.main([*one_step, "--save_root", run, "--overwrite"]) == 0
+    assert [r["epoch"] for r in rows(run)] == [1]
+
+
+def test_new_run_folders_never_collide(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Trainer.time, "strftime", lambda fmt: "20250101-120000")
+    first, second = Trainer.new_run_folder(), Trainer.new_run_folder()
+    assert first == os.path.join("runs", "20250101-120000") and second == first + "-2"
+    assert os.path.isdir(first) and os.path.isdir(second)
+
+
+def test_ctrl_c_before_training_exits_cleanly(dr, tmp_path, monkeypatch, capsys):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "TrainWindows", interrupted)
+    assert Trainer.main(["--DR", dr, *TINY, "--save_root", str(tmp_path / "run")]) == 130
+    assert "interrupted; no checkpoint was written" in error_line(capsys.readouterr().err)
