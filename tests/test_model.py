@@ -1,0 +1,172 @@
+"""The model: shapes, parameter names of the lab, KL, and the fast path against the plain one."""
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from modules import VAE_Model
+from modules.model import kl_gaussians, kl_standard_normal
+from modules.modules import reparameterize
+from modules.runtime import Speed, rollout
+
+TINY = (16, 8, 4, 16)
+
+
+def lab_parameter_shapes(F=128, L=32, N=12, D=192):
+    """Parameter names and shapes of the lab's model, written out from its module description
+    (LAB_REFERENCE.md) independently of modules/: a state_dict saved by lab code has these keys."""
+    shapes = {}
+
+    def conv(name, cin, cout, k, groups=1):
+        shapes[f"{name}.weight"] = (cout, cin // groups, k, k)
+        shapes[f"{name}.bias"] = (cout,)
+
+    def res(name, cin, cout):
+        conv(f"{name}.conv1", cin, cout, 3)
+        conv(f"{name}.conv2", cout, cout, 3)
+        if cin != cout:
+            conv(f"{name}.adaptor", cin, cout, 1)
+
+    def dcb(name, cin, cout):
+        conv(f"{name}.block.0.conv1.0", cin, cin, 1)
+        conv(f"{name}.block.0.depth_conv", cin, cin, 3, groups=cin)
+        conv(f"{name}.block.0.conv2", cin, cout, 1)
+        if cin != cout:
+            conv(f"{name}.block.0.adaptor", cin, cout, 1)
+        hidden = max(min(cout * 4, 1024), cout * 2)
+        conv(f"{name}.block.1.conv", cout, hidden, 1)
+        conv(f"{name}.block.1.conv_out", hidden // 2, cout, 1)
+
+    e = "frame_transformation"
+    res(f"{e}.0", 3, F // 8), dcb(f"{e}.1", F // 8, F // 8), res(f"{e}.2", F // 8, F // 4)
+    dcb(f"{e}.3", F // 4, F // 4), res(f"{e}.4", F // 4, F // 2), dcb(f"{e}.5", F // 2, F // 2)
+    conv(f"{e}.6", F // 2, F, 3)
+    e = "label_transformation"
+    conv(f"{e}.1", 3, L // 2, 7)
+    shapes.update({f"{e}.2.weight": (L // 2,), f"{e}.2.bias": (L // 2,), f"{e}.2.running_mean": (L // 2,),
+                   f"{e}.2.running_var": (L // 2,), f"{e}.2.num_batches_tracked": ()})
+    res(f"{e}.4", L // 2, L)
+    e, c = "Gaussian_Predictor", F + L
+    res(f"{e}.0", c, N // 4), dcb(f"{e}.1", N // 4, N // 4), res(f"{e}.2", N // 4, N // 2)
+    dcb(f"{e}.3", N // 2, N // 2), res(f"{e}.4", N // 2, N), conv(f"{e}.6", N, 2 * N, 1)
+    e, c = "Decoder_Fusion", F + L + N
+    dcb(f"{e}.0", c, c), res(f"{e}.1", c, c // 4), dcb(f"{e}.2", c // 4, c // 2)
+    res(f"{e}.3", c // 2, c // 2), dcb(f"{e}.4", c // 2, D // 2), conv(f"{e}.5", D // 2, D, 1)
+    e = "Generator"
+    dcb(f"{e}.0", D, D), res(f"{e}.1", D, D // 2), dcb(f"{e}.2", D // 2, D // 2), res(f"{e}.3", D // 2, D // 4)
+    dcb(f"{e}.4", D // 4, D // 4), res(f"{e}.5", D // 4, D // 8), dcb(f"{e}.6", D // 8, D // 8)
+    conv(f"{e}.7", D // 8, 3, 1)
+    return shapes
+
+
+def test_lab_state_dict_loads_and_parameter_count():
+    model = VAE_Model()
+    lab = lab_parameter_shapes()
+    ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert ours == lab
+    sd = {k: torch.randn(s) if s else torch.tensor(7) for k, s in lab.items()}
+    model.load_state_dict(sd, strict=True)
+    n = sum(p.numel() for p in model.parameters())
+    assert 1.5e6 < n < 1.7e6  # "about 1.6 M parameters"
+
+
+@pytest.mark.parametrize("prior", ["fixed", "learned"])
+def test_shapes(prior):
+    torch.manual_seed(0)
+    m = VAE_Model(*TINY, prior=prior)
+    img, lab = torch.rand(2, 5, 3, 32, 64), torch.rand(2, 5, 3, 32, 64)
+    out = m(img, lab, True)
+    assert out["pred"].shape == (2, 4, 3, 32, 64)
+    assert out["loss"].shape == out["kl"].shape == ()
+    eps = m.sample_noise(2, 5, 32, 64)
+    assert eps.shape == (4, 2, 4, 32, 64)
+    gen = m.generate(img[:, 0], lab, eps)
+    assert gen.shape == (2, 5, 3, 32, 64)
+    assert torch.equal(gen[:, 0], img[:, 0])
+    assert gen.min() >= 0 and gen.max() <= 1
+
+
+def test_reparameterize_is_standard_normal():
+    mu, logvar = torch.full((200_000,), 2.0), torch.full((200_000,), 2 * torch.log(torch.tensor(3.0)))
+    torch.manual_seed(0)
+    z = reparameterize(mu, logvar)
+    assert abs(z.mean().item() - 2.0) < 0.03
+    assert abs(z.std().item() - 3.0) < 0.03
+    assert (z < 2.0).float().mean().item() == pytest.approx(0.5, abs=0.01)  # symmetric, not uniform
+
+
+def test_kl_against_torch_distributions():
+    torch.manual_seed(0)
+    mu_q, lv_q, mu_p, lv_p = (torch.randn(3, 4, 5) for _ in range(4))
+    q = Normal(mu_q, (0.5 * lv_q).exp())
+    ref_std = kl_divergence(q, Normal(torch.zeros_like(mu_q), torch.ones_like(mu_q)))
+    ref = kl_divergence(q, Normal(mu_p, (0.5 * lv_p).exp()))
+    torch.testing.assert_close(kl_standard_normal(mu_q, lv_q), ref_std)
+    torch.testing.assert_close(kl_gaussians(mu_q, lv_q, mu_p, lv_p), ref)
+
+
+def _loss_and_grads(model, img, lab, tf, eps, fast, grad_ckpt=False):
+    model.zero_grad()
+    out = model(img, lab, tf, eps=eps, beta=0.7, fast=fast, grad_ckpt=grad_ckpt)
+    out["loss"].backward()
+    return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("prior", ["fixed", "learned"])
+@pytest.mark.parametrize("tf", [True, False, "mixed"])
+def test_fast_path_matches_plain(tf, prior):
+    """The batched teacher-forced frames (fast) against the per-frame loop (plain): same loss,
+    predictions and gradients, float32 on CPU."""
+    torch.manual_seed(0)
+    model = VAE_Model(*TINY, prior=prior)
+    img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
+    eps = torch.randn(2, 5, 4, 32, 64)
+    tf = [True, False, False, True, True] if tf == "mixed" else tf
+    a, ga = _loss_and_grads(model, img, lab, tf, eps, fast=True)
+    b, gb = _loss_and_grads(model, img, lab, tf, eps, fast=False)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(a["pred"], b["pred"], rtol=1e-5, atol=1e-6)
+    assert ga.keys() == gb.keys() and len(ga) == len(list(model.parameters()))
+    for k in ga:
+        assert _rel_err(ga[k], gb[k]) < 1e-5, k
+
+
+def _rel_err(a, b):
+    """Relative error of a whole gradient tensor (elementwise ratios blow up near zero)."""
+    return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
+
+
+def test_activation_checkpointing_same_function():
+    torch.manual_seed(0)
+    model = VAE_Model(*TINY)
+    img, lab = torch.rand(2, 4, 3, 32, 64), torch.rand(2, 4, 3, 32, 64)
+    eps = torch.randn(2, 3, 4, 32, 64)
+    a, ga = _loss_and_grads(model, img, lab, True, eps, fast=True, grad_ckpt=True)
+    b, gb = _loss_and_grads(model, img, lab, True, eps, fast=True)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-6, atol=0)
+    for k in ga:
+        assert _rel_err(ga[k], gb[k]) < 1e-6, k
+
+
+@pytest.mark.parametrize("z_mode", ["sample", "zero", "prior_mean"])
+def test_fast_rollout_matches_plain(z_mode):
+    """Sequences batched, pose features computed once, channels_last: same frames as the plain
+    one-sequence-at-a-time loop for the same noise (float32, CPU)."""
+    torch.manual_seed(0)
+    model = VAE_Model(*TINY, prior="learned").eval()
+    first, labels = torch.rand(3, 3, 32, 64), torch.rand(3, 8, 3, 32, 64)
+    eps = model.sample_noise(3, 8, 32, 64, generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+    plain = rollout(model, first, labels, eps, Speed(cpu, False, False, False, False, False), z_mode)
+    fast = rollout(model.to(memory_format=torch.channels_last), first, labels, eps,
+                   Speed(cpu, False, True, False, False, True), z_mode)
+    torch.testing.assert_close(fast, plain, rtol=1e-4, atol=1e-5)
+    assert not torch.equal(plain[:, 1], plain[:, 2])  # a real rollout, not a constant
+
+
+def test_generation_uses_the_noise_only_when_sampling():
+    torch.manual_seed(0)
+    model = VAE_Model(*TINY).eval()
+    first, labels = torch.rand(1, 3, 32, 64), torch.rand(1, 4, 3, 32, 64)
+    e1, e2 = model.sample_noise(1, 4, 32, 64), model.sample_noise(1, 4, 32, 64)
+    assert not torch.equal(model.generate(first, labels, e1), model.generate(first, labels, e2))
+    torch.testing.assert_close(model.generate(first, labels, e1, "zero"), model.generate(first, labels, e2, "zero"))
