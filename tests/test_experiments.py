@@ -1,0 +1,84 @@
+"""scripts/run_experiments.py on its 2-run tiny grid on the CPU (real Trainer and Tester
+processes), a re-run that skips what is done, then scripts/plot_report.py on those runs."""
+import json
+import os
+import shutil
+
+import pytest
+
+from scripts import plot_report, run_experiments
+
+TRAIN = ["--F_dim", "16", "--L_dim", "8", "--N_dim", "4", "--D_out_dim", "16", "--device", "cpu", "--amp", "off",
+         "--train_vi_len", "4", "--partial", "0.5", "--val_vi_len", "10", "--batch_size", "2"]
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def grid(tiny_dance, tmp_path_factory):
+    """The tiny grid run for 2 epochs; returns (out folder, runner argv, runner's exit code, stdout)."""
+    dr = tmp_path_factory.mktemp("exp") / "DR"
+    shutil.copytree(tiny_dance, dr)  # the loaders write their caches beside the data
+    out = tmp_path_factory.mktemp("exp") / "runs"
+    argv = ["--grid", "tiny", "--out", str(out), "--epochs", "2",
+            "--test_args", "--test_len 20 --num_samples 2 --no_gif", "--", "--DR", str(dr), *TRAIN]
+    old = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"  # the subprocesses: no oversubscription on 2 shared cores
+    try:
+        rc = run_experiments.main(argv)
+    finally:
+        if old is None:
+            os.environ.pop("OMP_NUM_THREADS")
+        else:
+            os.environ["OMP_NUM_THREADS"] = old
+    return out, argv, rc
+
+
+def test_runner_trains_and_tests_each_run(grid):
+    out, _, rc = grid
+    assert rc == 0
+    for name, prior in (("fixed", "fixed"), ("learned", "learned")):
+        run = out / name
+        record = json.loads((run / "run.json").read_text())
+        assert record["status"] == "done" and record["epochs_done"] == 2
+        assert json.loads((run / "args.json").read_text())["prior"] == prior
+        rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["epoch"] for r in rows] == [1, 2]
+        res = json.loads((run / "test" / "results.json").read_text())
+        assert res["args"]["num_samples"] == 2 and "ssim" in res and "best_of_k_psnr" in res
+    # The grid's flags reached the Trainer: the tiny "fixed" run decays teacher forcing 0.5 a epoch.
+    rows = [json.loads(x) for x in (out / "fixed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tfr"] for r in rows] == [0.5, 0.0]
+
+
+def test_runner_skips_finished_runs(grid, capsys):
+    out, argv, _ = grid
+    before = (out / "fixed" / "metrics.jsonl").read_text()
+    assert run_experiments.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("done already; skipped") == 2
+    assert (out / "fixed" / "metrics.jsonl").read_text() == before
+
+
+def test_plotter_writes_figures_and_table(grid, tmp_path):
+    out, _, _ = grid
+    report = tmp_path / "report"
+    assert plot_report.main([str(p) for p in sorted(out.iterdir())] + ["--out", str(report)]) == 0
+    for name in ("tf.png", "kl.png", "kl_compare.png", "prior_compare.png", "psnr_per_frame.png"):
+        data = (report / name).read_bytes()
+        assert data.startswith(PNG), name
+        assert len(data) < 200_000
+    table = (report / "results.md").read_text().splitlines()
+    assert table[0].startswith("| run |") and "test SSIM" in table[0] and "oracle" in table[0]
+    body = table[2:]
+    assert [row.split("|")[1].strip() for row in body] == ["fixed", "learned"]
+    for row in body:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert len(cells) == len(table[0].strip("|").split("|"))
+        assert all(cells), row  # every cell filled (a dash at most)
+
+
+def test_tester_gets_only_the_flags_it_knows():
+    extra = ["--DR", "d", "--device", "cpu", "--milestones", "2", "5", "--kl_anneal_type", "None",
+             "--plain", "--batch_size", "8", "--seed=3"]
+    assert run_experiments.tester_share(extra) == ["--DR", "d", "--device", "cpu", "--plain",
+                                                  "--batch_size", "8", "--seed=3"]
