@@ -1,0 +1,203 @@
+"""Measure training and generation speed: the plain eager float32 path against the fast path, in
+one process on the same machine, for the same model and batch.
+
+    python scripts/bench.py --device cuda --batch_size 64
+    python scripts/bench.py --device cpu --batch_size 2 --gen_len 60 --json
+
+Training frames/s counts predicted frames (batch x (train_vi_len - 1)) per second of
+optimizer steps on random data (speed does not depend on content). Generation frames/s counts
+generated frames of full autoregressive rollouts (z from the prior). The plain path is the lab's
+way: a per-frame loop, float32, one sequence at a time, a host sync per step.
+"""
+import argparse
+import copy
+import json
+import os
+import resource
+import sys
+import time
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from modules import VAE_Model  # noqa: E402
+from modules.engine import WindowBatches  # noqa: E402
+from modules.options import ConfigError, check_common, common_parser  # noqa: E402
+from modules.runtime import Speed, prepare_model, resolve_speed, rollout, to_float  # noqa: E402
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common_parser()],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--batch_size", type=int, default=2)
+    p.add_argument("--train_vi_len", type=int, default=16)
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per path")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotuning)")
+    p.add_argument("--gen_len", type=int, default=630, help="frames per generated sequence")
+    p.add_argument("--gen_seqs", type=int, default=5, help="sequences generated together on the fast path")
+    p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing on the fast path")
+    p.add_argument("--tf", choices=("on", "off"), default="on",
+                   help="teacher forcing during the timed steps (off: the per-frame loop on both paths)")
+    p.add_argument("--skip_eager", action="store_true", help="measure the fast path only")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def time_training(model, speed, args, eager):
+    """Frames/s of full optimizer steps, and activation memory per sample-frame (CUDA)."""
+    B, T, H, W = args.batch_size, args.train_vi_len, args.frame_H, args.frame_W
+    g = torch.Generator().manual_seed(0)
+    img = torch.randint(0, 256, (B, T, 3, H, W), dtype=torch.uint8, generator=g)
+    lab = torch.randint(0, 256, (B, T, 3, H, W), dtype=torch.uint8, generator=g)
+    img, lab = to_float(img, speed), to_float(lab, speed)
+    fused = speed.device.type == "cuda" and not eager
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
+    train_model = torch.compile(model) if speed.compile else model
+    tf = args.tf == "on"
+
+    def step():
+        with speed.autocast():
+            out = train_model(img, lab, tf, fast=speed.fast, grad_ckpt=args.grad_ckpt and not eager)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if eager:
+            out["loss"].item()  # the lab logs the loss every step: one host sync per step
+        else:
+            bool(torch.isfinite(norm))  # the Trainer's one sync per step (non-finite check)
+        opt.step()
+
+    t0 = time.perf_counter()
+    for _ in range(args.warmup):
+        step()
+    sync(speed.device)
+    warm_s = time.perf_counter() - t0
+    if speed.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(speed.device)
+    static = torch.cuda.memory_allocated(speed.device) / 2**20 if speed.device.type == "cuda" else 0.0
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(speed.device)
+    dt = time.perf_counter() - t0
+    peak = peak_mb(speed.device)
+    act = (peak - static) / (B * T) if speed.device.type == "cuda" else None
+    return B * (T - 1) * args.steps / dt, peak, act, warm_s
+
+
+def time_generation(model, speed, args, n_seq, plain):
+    H, W, L = args.frame_H, args.frame_W, args.gen_len
+    g = torch.Generator().manual_seed(0)
+    first = to_float(torch.randint(0, 256, (n_seq, 3, H, W), dtype=torch.uint8, generator=g), speed)
+    labels = to_float(torch.randint(0, 256, (n_seq, L, 3, H, W), dtype=torch.uint8, generator=g), speed)
+    eps = model.sample_noise(n_seq, L, H, W, generator=g).to(speed.device)
+    if not plain:  # one untimed rollout: cuDNN autotuning and allocator warm-up
+        rollout(model, first, labels, eps[:, :, :], speed)
+    sync(speed.device)
+    t0 = time.perf_counter()
+    rollout(model, first, labels, eps, speed)
+    sync(speed.device)
+    return n_seq * (L - 1) / (time.perf_counter() - t0)
+
+
+def time_data(args, speed, train_steps_per_s):
+    """Batches/s of the Trainer's data path (index gather + float conversion) on a 20k-frame store."""
+    n, T = 20000, args.train_vi_len
+    store = SimpleNamespace(frames=torch.zeros(n, 3, args.frame_H, args.frame_W, dtype=torch.uint8),
+                            labels=torch.zeros(n, 3, args.frame_H, args.frame_W, dtype=torch.uint8),
+                            starts=torch.arange(0, n - T + 1, T), video_len=T)
+    batches = WindowBatches(store, args.batch_size, speed.device)
+    plan = batches.epoch(0)
+    reps = min(len(plan), 200)
+    sync(speed.device)
+    t0 = time.perf_counter()
+    for i in range(reps):
+        img, lab = batches.gather(plan[i])
+        to_float(img, speed), to_float(lab, speed)
+    sync(speed.device)
+    rate = reps / (time.perf_counter() - t0)
+    return rate, rate / max(train_steps_per_s, 1e-9)
+
+
+def flops_per_frame(model, speed, args):
+    """FLOPs of one training step (forward + backward) per predicted frame, counted by PyTorch."""
+    from torch.utils.flop_counter import FlopCounterMode
+    B, T = 1, args.train_vi_len
+    x = torch.rand(B, T, 3, args.frame_H, args.frame_W, device=speed.device)
+    m = copy.deepcopy(model).float()
+    with FlopCounterMode(display=False) as counter:
+        m(x, x, True, fast=True)["loss"].backward()
+    return counter.get_total_flops() / (B * (T - 1))
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    try:
+        check_common(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    torch.manual_seed(args.seed)
+    fast = resolve_speed(args)
+    plain = Speed(device=fast.device, amp=False, channels_last=False, compile=False, cuda_graphs=False, fast=False)
+    base = VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior)
+    res = {"device": torch.cuda.get_device_name(fast.device) if fast.device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+           "torch": torch.__version__, "batch_size": args.batch_size, "train_vi_len": args.train_vi_len,
+           "gen_len": args.gen_len, "gen_seqs": args.gen_seqs, "teacher_forcing": args.tf,
+           "dims": [args.F_dim, args.L_dim, args.N_dim, args.D_out_dim],
+           "fast": {"amp": fast.amp, "channels_last": fast.channels_last, "compile": fast.compile,
+                    "cuda_graphs": fast.cuda_graphs, "grad_ckpt": args.grad_ckpt}}
+
+    def log(msg):
+        if not args.json:
+            print(msg, flush=True)
+
+    if not args.skip_eager:
+        m = prepare_model(copy.deepcopy(base), plain)
+        res["eager_train_frames_per_s"], res["eager_peak_mem_mb"], _, _ = time_training(m, plain, args, eager=True)
+        log(f"eager train: {res['eager_train_frames_per_s']:.1f} frames/s")
+        res["eager_gen_frames_per_s"] = time_generation(m, plain, args, 1, plain=True)
+        log(f"eager generation (1 sequence): {res['eager_gen_frames_per_s']:.1f} frames/s")
+        del m
+    if fast.device.type == "cuda":
+        torch.cuda.empty_cache()
+    m = prepare_model(copy.deepcopy(base), fast)
+    tfps, peak, act, warm_s = time_training(m, fast, args, eager=False)
+    res.update(train_frames_per_s=tfps, peak_mem_mb=peak, act_mem_mb_per_sample_frame=act, warmup_s=warm_s)
+    log(f"fast train: {tfps:.1f} frames/s, peak memory {peak:.0f} MB"
+        + (f", activations {act:.2f} MB per sample-frame" if act is not None else "") + f" (warm-up {warm_s:.1f}s)")
+    res["gen_1seq_frames_per_s"] = time_generation(m, fast, args, 1, plain=False)
+    res["gen_frames_per_s"] = time_generation(m, fast, args, args.gen_seqs, plain=False)
+    res["gen_batch_seconds"] = args.gen_seqs * (args.gen_len - 1) / res["gen_frames_per_s"]
+    log(f"fast generation: {res['gen_1seq_frames_per_s']:.1f} frames/s (1 sequence), "
+        f"{res['gen_frames_per_s']:.1f} frames/s ({args.gen_seqs} sequences: {res['gen_batch_seconds']:.3f} s)")
+    res["data_batches_per_s"], res["data_over_train"] = time_data(args, fast, tfps / (args.batch_size * (args.train_vi_len - 1)))
+    log(f"data path: {res['data_batches_per_s']:.0f} batches/s, {res['data_over_train']:.0f}x the training step rate")
+    fpf = flops_per_frame(base.to(fast.device), fast, args)
+    res["gflop_per_train_frame"] = fpf / 1e9
+    res["train_tflops"] = fpf * tfps / 1e12
+    log(f"{fpf / 1e9:.2f} GFLOP per training frame (fwd+bwd) -> {res['train_tflops']:.2f} TFLOP/s achieved")
+    if "eager_train_frames_per_s" in res:
+        res["train_speedup"] = tfps / res["eager_train_frames_per_s"]
+        res["gen_speedup"] = res["gen_frames_per_s"] / res["eager_gen_frames_per_s"]
+        log(f"speed-up: training {res['train_speedup']:.2f}x, generation {res['gen_speedup']:.2f}x")
+    if args.json:
+        print(json.dumps(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

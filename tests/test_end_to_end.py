@@ -1,0 +1,110 @@
+"""Tiny train + test on generated data, on the CPU: the outputs users hand in."""
+import csv
+import json
+import os
+
+import pytest
+import torch
+
+import Tester
+import Trainer
+from dataloader import TestSequences
+from modules import VAE_Model
+
+TINY = ["--F_dim", "16", "--L_dim", "8", "--N_dim", "4", "--D_out_dim", "16", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def run(tiny_dance, tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    save = root / "run"
+    rc = Trainer.main(["--DR", str(tiny_dance), "--save_root", str(save), "--num_epoch", "2", "--batch_size", "2",
+                       "--val_vi_len", "20", "--per_save", "1", "--kl_anneal_type", "Full_KL", "--tfr", "0.5",
+                       "--tf_mode", "step", *TINY])
+    assert rc == 0
+    return tiny_dance, save
+
+
+def test_trainer_outputs(run):
+    _, save = run
+    for name in ("last.ckpt", "best.ckpt", "epoch_1.ckpt", "epoch_2.ckpt", "args.json", "metrics.jsonl"):
+        assert (save / name).is_file(), name
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(save))
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert all(r["beta"] == 1.0 and "val_psnr" in r and len(r["val_psnr_per_frame"]) == 19 for r in rows)
+    ckpt = torch.load(save / "last.ckpt", map_location="cpu", weights_only=True)  # plain data only
+    for key in ("model", "optimizer", "scheduler", "epoch", "tfr", "beta", "best_psnr", "rng", "args"):
+        assert key in ckpt, key
+    assert ckpt["epoch"] == 2 and ckpt["args"]["F_dim"] == 16 and ckpt["progress"] is None
+
+
+def _submission(path):
+    with open(path) as f:
+        return list(csv.reader(f))
+
+
+def test_tester_submission_gifs_and_reproducibility(run, tmp_path, capsys):
+    dr, save = run
+    outs = []
+    for k in range(2):
+        out = tmp_path / f"t{k}"
+        # No dims given: the Tester rebuilds the model from the checkpoint.
+        assert Tester.main(["--ckpt_path", str(save / "best.ckpt"), "--DR", str(dr), "--save_root", str(out),
+                            "--test_len", "20", "--device", "cpu"]) == 0
+        outs.append(out)
+    a, b = (o / "submission.csv" for o in outs)
+    assert a.read_bytes() == b.read_bytes()  # bit for bit, fixed seed
+    rows = _submission(a)
+    assert rows[0] == ["id"] + [str(i) for i in range(3 * 32 * 64)]
+    assert len(rows) == 1 + 2 * 20
+    assert [int(r[0]) for r in rows[1:]] == list(range(40))
+    seqs = TestSequences(dr, 32, 64, test_len=20)
+    for k in range(2):
+        first = [int(v) for v in rows[1 + 20 * k][1:]]
+        assert first == seqs[k]["first"].flatten().tolist()  # row 0 of each sequence: the given frame
+    assert all(0 <= int(v) <= 255 for v in rows[5][1:])
+    for k in range(2):
+        assert (outs[0] / f"pred_seq{seqs[k]['name']}.gif").stat().st_size > 0
+        assert (outs[0] / f"pose_seq{seqs[k]['name']}.gif").stat().st_size > 0
+    res = json.loads((outs[0] / "results.json").read_text())
+    assert len(res["sequences"]) == 2 and res["copy_first_psnr"] > 0 and "psnr" in res
+    assert "copy-first" in capsys.readouterr().out
+
+
+def test_tester_other_seed_changes_the_samples(run, tmp_path):
+    dr, save = run
+    csvs = []
+    for seed in (0, 1):
+        out = tmp_path / f"s{seed}"
+        Tester.main(["--ckpt_path", str(save / "best.ckpt"), "--DR", str(dr), "--save_root", str(out),
+                     "--test_len", "20", "--no_gif", "--seed", str(seed), "--device", "cpu"])
+        csvs.append((out / "submission.csv").read_bytes())
+    assert csvs[0] != csvs[1]
+
+
+def test_lab_format_checkpoint_loads_in_tester(run, tmp_path):
+    dr, _ = run
+    model = VAE_Model(16, 8, 4, 16)
+    path = tmp_path / "epoch=3.ckpt"
+    torch.save({"state_dict": model.state_dict(), "optimizer": {}, "lr": 1e-3, "tfr": 1.0, "last_epoch": 3}, path)
+    assert Tester.main(["--ckpt_path", str(path), "--DR", str(dr), "--save_root", str(tmp_path / "o"),
+                        "--test_len", "20", "--no_gif", "--device", "cpu"]) == 0
+    assert len(_submission(tmp_path / "o" / "submission.csv")) == 41
+
+
+def test_trainer_test_flag_validates_only(run, capsys):
+    dr, save = run
+    assert Trainer.main(["--DR", str(dr), "--ckpt_path", str(save / "last.ckpt"), "--test", "--val_vi_len", "20",
+                         "--device", "cpu"]) == 0
+    assert "val PSNR" in capsys.readouterr().out
+
+
+def test_bench_json(capsys):
+    from scripts import bench
+    assert bench.main(["--device", "cpu", *TINY[:8], "--steps", "1", "--warmup", "1", "--gen_len", "4",
+                       "--gen_seqs", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    for key in ("device", "train_frames_per_s", "gen_frames_per_s", "eager_train_frames_per_s",
+                "eager_gen_frames_per_s", "peak_mem_mb"):
+        assert key in res and (key == "device" or res[key] > 0), key

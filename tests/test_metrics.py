@@ -1,0 +1,27 @@
+import math
+
+import torch
+
+from modules.metrics import psnr, sequence_psnr
+
+
+def test_psnr_per_sample_not_per_batch():
+    target = torch.zeros(2, 3, 4, 4)
+    pred = target.clone()
+    pred[0] += 0.1  # MSE 0.01 -> 20 dB
+    pred[1] += 0.01  # MSE 1e-4 -> 40 dB
+    p = psnr(pred, target)
+    torch.testing.assert_close(p, torch.tensor([20.0, 40.0]))
+    batch_psnr = 10 * math.log10(1 / ((pred - target) ** 2).mean().item())
+    assert abs(p.mean().item() - batch_psnr) > 5  # the scaffold's batch PSNR would be wrong
+
+
+def test_sequence_psnr_skips_the_given_frame():
+    gt = torch.rand(2, 5, 3, 8, 8)
+    pred = gt.clone()
+    pred[:, 0] = 0  # frame 0 is given, never scored
+    pred[:, 1:] = (gt[:, 1:] + 0.1).clamp(0, 1)
+    out = sequence_psnr(pred, gt)
+    assert out.shape == (2, 4)
+    assert torch.isfinite(out).all()
+    assert psnr(gt[0], gt[0]).eq(100).all()  # identical frames: the floor, not infinity

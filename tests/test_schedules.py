@@ -1,0 +1,64 @@
+"""KL annealing, teacher forcing, learning rate: each against its formula."""
+from types import SimpleNamespace
+
+import pytest
+
+from modules.schedules import TeacherForcingCoins, kl_beta, lr_factor, teacher_forcing_ratio
+
+
+def test_cyclical_lab_defaults():
+    # 70 epochs, 10 cycles, ratio 1: a 7-epoch period rising 0, 1/7, ..., 6/7, then restarting.
+    for e in range(70):
+        assert kl_beta(e, "Cyclical", 70, 10, 1.0) == pytest.approx((e % 7) / 7)
+
+
+def test_cyclical_half_ratio_holds_at_one():
+    for e in range(70):
+        assert kl_beta(e, "Cyclical", 70, 10, 0.5) == pytest.approx(min(1.0, (e % 7) / 3.5))
+
+
+def test_monotonic_and_constants():
+    for e in range(20):
+        assert kl_beta(e, "Monotonic", 20, 10, 0.5) == pytest.approx(min(1.0, e / 10))
+        assert kl_beta(e, "Full_KL", 20) == 1.0
+        assert kl_beta(e, "None", 20) == 0.0
+
+
+def test_teacher_forcing_decay():
+    # The lab: after finished epoch n (from 1) with n >= tfr_sde, tfr -= tfr_d_step, floored at 0.
+    tfr, expected = 1.0, []
+    for n in range(1, 30):
+        expected.append(tfr)
+        if n >= 10:
+            tfr = max(tfr - 0.1, 0.0)
+    got = [teacher_forcing_ratio(e, 1.0, 10, 0.1) for e in range(29)]
+    assert got == pytest.approx(expected)
+    assert got[9] == 1.0 and got[10] == pytest.approx(0.9) and got[-1] == 0.0
+
+
+def test_coins_are_reproducible_and_follow_the_ratio():
+    a = TeacherForcingCoins(3, 7, 0.5, "frame")
+    b = TeacherForcingCoins(3, 7, 0.5, "frame")
+    assert [a.draw(15) for _ in range(5)] == [b.draw(15) for _ in range(5)]
+    assert all(TeacherForcingCoins(0, e, 1.0).draw(15) is True for e in range(20))
+    assert all(TeacherForcingCoins(0, e, 0.0, "step").draw(15) is False for e in range(20))
+    draws = [x for _ in range(200) for x in TeacherForcingCoins(1, 2, 0.3, "frame").draw(15)]
+    coins = TeacherForcingCoins(1, 2, 0.3, "step")
+    share = sum(coins.draw(15) for _ in range(4000)) / 4000
+    assert 0.27 < share < 0.33
+    assert len(draws) == 3000
+
+
+def test_lr_schedules():
+    a = SimpleNamespace(scheduler="multistep", milestones=[2, 5], gamma=0.1, step_size=10, warmup_epochs=0.0,
+                        num_epoch=70, lr=1e-3, min_lr=0.0)
+    assert [lr_factor(e, a) for e in range(7)] == pytest.approx([1, 1, 0.1, 0.1, 0.1, 0.01, 0.01])
+    a.scheduler, a.step_size, a.gamma = "step", 3, 0.5
+    assert [lr_factor(e + 0.5, a) for e in range(7)] == pytest.approx([1, 1, 1, 0.5, 0.5, 0.5, 0.25])
+    a.scheduler, a.warmup_epochs, a.num_epoch, a.min_lr = "cosine", 2.0, 12, 1e-5
+    assert lr_factor(1.0, a) == pytest.approx(0.5, abs=1e-3)
+    assert lr_factor(2.0, a) == pytest.approx(1.0)
+    assert lr_factor(7.0, a) == pytest.approx(0.01 + 0.99 * 0.5)
+    assert lr_factor(12.0, a) == pytest.approx(0.01)
+    a.scheduler = "none"
+    assert lr_factor(50.0, a) == 1.0
