@@ -167,13 +167,16 @@ def trim_metrics(path, epoch):
 
 
 def ensure_dataset(args, d):
-    if os.path.exists(args.DR) or args.DR != DEFAULT_DR:
+    """Generate the embedded dataset at the default --DR on first use, or finish one whose
+    generation was interrupted (the generator only ever replaces folders it wrote itself)."""
+    from scripts.make_dance_data import PARTIAL, make_dataset
+    interrupted = os.path.exists(os.path.join(args.DR, PARTIAL))
+    if args.DR != DEFAULT_DR or (os.path.exists(args.DR) and not interrupted):
         return
     if d.is_main:
-        from scripts.make_dance_data import make_dataset
-        print(f"No dataset at {args.DR}: generating the embedded procedural dance dataset there "
-              "(once; about 2 minutes on 2 cores).", flush=True)
-        make_dataset(args.DR)
+        print(f"No complete dataset at {args.DR}: generating the embedded procedural dance dataset there "
+              "(once; about a minute on 2 cores).", flush=True)
+        make_dataset(args.DR, overwrite=os.path.exists(args.DR))
     d.barrier()
 
 

@@ -108,3 +108,24 @@ def test_bench_json(capsys):
     for key in ("device", "train_frames_per_s", "gen_frames_per_s", "eager_train_frames_per_s",
                 "eager_gen_frames_per_s", "peak_mem_mb"):
         assert key in res and (key == "device" or res[key] > 0), key
+
+
+def test_default_dataset_made_on_first_use_and_after_an_interrupted_generation(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    import scripts.make_dance_data as gen
+    from modules.distributed import Dist
+    calls = []
+    monkeypatch.setattr(gen, "make_dataset", lambda out, **kw: calls.append((out, kw)))
+    monkeypatch.chdir(tmp_path)
+    args = SimpleNamespace(DR=Trainer.DEFAULT_DR)
+    Trainer.ensure_dataset(args, Dist())  # nothing there: generated
+    assert calls == [(Trainer.DEFAULT_DR, {"overwrite": False})]
+    os.makedirs(Trainer.DEFAULT_DR)
+    Trainer.ensure_dataset(args, Dist())  # a dataset (e.g. the lab's real one) is there: used as is
+    assert len(calls) == 1
+    open(os.path.join(Trainer.DEFAULT_DR, gen.PARTIAL), "w").close()
+    Trainer.ensure_dataset(args, Dist())  # a generation cut short: made again
+    assert calls[-1] == (Trainer.DEFAULT_DR, {"overwrite": True})
+    Trainer.ensure_dataset(SimpleNamespace(DR="elsewhere"), Dist())  # never for a user's --DR
+    assert len(calls) == 2
