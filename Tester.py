@@ -44,7 +44,8 @@ def load_model(path, args):
     for k in ("frame_H", "frame_W"):
         if margs.get(k) not in (None, getattr(args, k)):
             print(f"note: the checkpoint was trained at --{k} {margs[k]}; testing at {getattr(args, k)}")
-    model = VAE_Model(margs["F_dim"], margs["L_dim"], margs["N_dim"], margs["D_out_dim"], prior=margs["prior"])
+    model = VAE_Model(margs["F_dim"], margs["L_dim"], margs["N_dim"], margs["D_out_dim"], prior=margs["prior"],
+                      residual=bool(margs.get("residual")))
     load_model_weights(model, ckpt, path)
     return model.eval(), margs
 

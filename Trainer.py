@@ -56,7 +56,7 @@ class StopRequest:
 
 
 def build_model(args):
-    return VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior)
+    return VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior, residual=args.residual)
 
 
 def build_optimizer(model, args, speed):

@@ -32,19 +32,27 @@ def _flat(x):
 
 class VAE_Model(nn.Module):
     """Attributes keep the lab's names, so `state_dict()` keys match checkpoints written by lab code.
-    With prior="learned" one more module, `prior`, predicts p(z_t | previous frame, pose_t)."""
+    With prior="learned" one more module, `prior`, predicts p(z_t | previous frame, pose_t).
 
-    def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed"):
+    residual=True (not the lab's) makes the Generator predict the change from the previous frame,
+    x_t = x_{t-1} + G(...), with G's last layer starting at zero: the untrained model copies the
+    previous frame, and training starts from the copy baseline instead of from the mean image.
+    It adds no parameter, so the state_dict keys are the lab's either way."""
+
+    def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False):
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-        self.N_dim, self.prior_type = N_dim, prior
+        self.N_dim, self.prior_type, self.residual = N_dim, prior, residual
         self.frame_transformation = RGB_Encoder(3, F_dim)
         self.label_transformation = Label_Encoder(3, L_dim)
         self.Gaussian_Predictor = Gaussian_Predictor(F_dim + L_dim, N_dim)
         self.Decoder_Fusion = Decoder_Fusion(F_dim + L_dim + N_dim, D_out_dim)
         self.Generator = Generator(D_out_dim, 3)
         self.prior = Gaussian_Predictor(F_dim + L_dim, N_dim) if prior == "learned" else None
+        if residual:
+            nn.init.zeros_(self.Generator[-1].weight)
+            nn.init.zeros_(self.Generator[-1].bias)
 
     # ---- pieces -------------------------------------------------------------------------------
     def _call(self, module, *args, grad_ckpt=False):
@@ -70,10 +78,12 @@ class VAE_Model(nn.Module):
         _, mu, logvar = self._call(self.prior, prev_feat, label_feat, grad_ckpt=grad_ckpt)
         return mu, logvar
 
-    def decode(self, prev_feat, label_feat, z, grad_ckpt=False):
-        """Features of the previous frame, of pose t, and z_t -> frame t (unclamped)."""
+    def decode(self, prev_feat, label_feat, z, prev_img, grad_ckpt=False):
+        """Features of the previous frame, of pose t, and z_t -> frame t (unclamped). prev_img, the
+        previous frame itself, is used only by the residual option."""
         fused = self._call(self.Decoder_Fusion, prev_feat, label_feat, z, grad_ckpt=grad_ckpt)
-        return self._call(self.Generator, fused, grad_ckpt=grad_ckpt)
+        out = self._call(self.Generator, fused, grad_ckpt=grad_ckpt)
+        return prev_img + out if self.residual else out
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, img, label, teacher_forcing=True, eps=None, beta=1.0, recon="mse",
@@ -110,16 +120,18 @@ class VAE_Model(nn.Module):
 
         if fast and all(tf):
             prev_feat = frame_feat[:, :-1]
-            pred = self.decode(_flat(prev_feat), _flat(label_feat), _flat(z), grad_ckpt=grad_ckpt)
+            pred = self.decode(_flat(prev_feat), _flat(label_feat), _flat(z), _flat(img[:, :-1]), grad_ckpt=grad_ckpt)
             pred = pred.unflatten(0, (B, T - 1))
         else:
             preds, prev_feats, out = [], [], None
             for t in range(1, T):
                 if t == 1 or tf[t - 1]:
-                    prev = frame_feat[:, t - 1] if fast else self.frame_transformation(img[:, t - 1])
+                    prev_img = img[:, t - 1]
+                    prev = frame_feat[:, t - 1] if fast else self.frame_transformation(prev_img)
                 else:
-                    prev = self._call(self.frame_transformation, out.clamp(0, 1), grad_ckpt=grad_ckpt)
-                out = self.decode(prev, label_feat[:, t - 1], z[:, t - 1], grad_ckpt=grad_ckpt)
+                    prev_img = out.clamp(0, 1)
+                    prev = self._call(self.frame_transformation, prev_img, grad_ckpt=grad_ckpt)
+                out = self.decode(prev, label_feat[:, t - 1], z[:, t - 1], prev_img, grad_ckpt=grad_ckpt)
                 preds.append(out)
                 prev_feats.append(prev)
             pred = torch.stack(preds, 1)
@@ -149,7 +161,7 @@ class VAE_Model(nn.Module):
             z = mu
         else:
             z = torch.zeros_like(mu)
-        return self.decode(prev_feat, label_feat, z).clamp(0, 1)
+        return self.decode(prev_feat, label_feat, z, prev_img).clamp(0, 1)
 
     def sample_noise(self, B, L, H, W, generator=None, device=None):
         """Noise for a rollout of L frames: (L-1, B, N, H, W), drawn in one call so that a seed gives

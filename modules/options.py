@@ -4,7 +4,7 @@ import argparse
 import os
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
-MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior")
+MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual")
 KL_TYPES = ("Cyclical", "Monotonic", "Full_KL", "None")
 TF_MODES = ("epoch", "step", "frame")
 SCHEDULERS = ("multistep", "step", "cosine", "none")
@@ -39,6 +39,9 @@ def common_parser():
     g.add_argument("--D_out_dim", type=int, default=192, help="decoder fusion output channels")
     g.add_argument("--prior", choices=("fixed", "learned"), default="fixed",
                    help="fixed N(0, I) (the lab's) or a learned prior p(z_t | previous frame, pose_t)")
+    g.add_argument("--residual", action="store_true",
+                   help="not the lab's: the Generator predicts the change from the previous frame "
+                        "(starts as a copy of it; learns much faster)")
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     g.add_argument("--gpu", type=int, default=1,

@@ -111,13 +111,15 @@ def _loss_and_grads(model, img, lab, tf, eps, fast, grad_ckpt=False):
     return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("prior", ["fixed", "learned"])
+@pytest.mark.parametrize("prior,residual", [("fixed", False), ("learned", False), ("fixed", True)])
 @pytest.mark.parametrize("tf", [True, False, "mixed"])
-def test_fast_path_matches_plain(tf, prior):
+def test_fast_path_matches_plain(tf, prior, residual):
     """The batched teacher-forced frames (fast) against the per-frame loop (plain): same loss,
     predictions and gradients, float32 on CPU."""
     torch.manual_seed(0)
-    model = VAE_Model(*TINY, prior=prior)
+    model = VAE_Model(*TINY, prior=prior, residual=residual)
+    if residual:  # away from the zero start, so the Generator's output matters
+        torch.nn.init.normal_(model.Generator[-1].weight, std=0.1)
     img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
     eps = torch.randn(2, 5, 4, 32, 64)
     tf = [True, False, False, True, True] if tf == "mixed" else tf
@@ -170,3 +172,14 @@ def test_generation_uses_the_noise_only_when_sampling():
     e1, e2 = model.sample_noise(1, 4, 32, 64), model.sample_noise(1, 4, 32, 64)
     assert not torch.equal(model.generate(first, labels, e1), model.generate(first, labels, e2))
     torch.testing.assert_close(model.generate(first, labels, e1, "zero"), model.generate(first, labels, e2, "zero"))
+
+
+def test_residual_model_starts_as_a_copy_of_the_previous_frame():
+    torch.manual_seed(0)
+    model = VAE_Model(*TINY, residual=True).eval()
+    assert model.state_dict().keys() == VAE_Model(*TINY).state_dict().keys()
+    first, labels = torch.rand(2, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
+    out = model.generate(first, labels, model.sample_noise(2, 6, 32, 64))
+    torch.testing.assert_close(out, first[:, None].expand(-1, 6, -1, -1, -1))
+    img = torch.rand(2, 4, 3, 32, 64)
+    torch.testing.assert_close(model(img, labels[:, :4], True)["pred"], img[:, :-1])
