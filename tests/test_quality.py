@@ -78,7 +78,7 @@ def test_prior_sampling_shapes_and_modes(prior):
             assert not mu.any() and not logvar.any()
         # "sample" decodes z = prior mean + eps * prior std.
         z = mu + eps[0] * torch.exp(0.5 * logvar)
-        want = model.decode(prev_feat, lab, z).clamp(0, 1)
+        want = model.decode(prev_feat, lab, z, first).clamp(0, 1)
         torch.testing.assert_close(model.step(first, lab, eps[0], "sample"), want)
         mean = model.step(first, lab, eps[0], "prior_mean")
         torch.testing.assert_close(model.step(first, lab, -eps[0], "prior_mean"), mean)  # noise ignored
