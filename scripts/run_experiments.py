@@ -153,6 +153,15 @@ def run_logged(cmd, log_path, limit_s=None, on_row=None, metrics_path=None):
     return proc.returncode, time.time() - t0, stopped
 
 
+def fail(run, record, record_path, why, log=None):
+    """Record a failed run and say why (with the end of its log)."""
+    record["status"] = "failed"
+    write_json(record_path, record)
+    tail = f"; see {log}:\n{log_tail(log)}" if log else ""
+    print(f"[{run.name}] {why}{tail}", file=sys.stderr, flush=True)
+    return "failed"
+
+
 def log_tail(path, n=15):
     try:
         with open(path, errors="replace") as f:
@@ -229,11 +238,7 @@ def run_one(run, out, num_epoch, extra, test_extra, limit_s, index=0):
             # The budget ran out: the run keeps the epochs it finished and is not resumed later.
             record["stopped_by_budget"] = True
         elif rc != 0:
-            record["status"] = "failed"
-            write_json(record_path, record)
-            print(f"[{run.name}] Trainer failed (exit {rc}); see {save_root}/train.log:\n"
-                  + log_tail(os.path.join(save_root, "train.log")), file=sys.stderr, flush=True)
-            return "failed"
+            return fail(run, record, record_path, f"Trainer failed (exit {rc})", os.path.join(save_root, "train.log"))
     record["status"] = "trained"
     record["epochs_done"] = epochs_done(save_root)
     write_json(record_path, record)
@@ -241,20 +246,13 @@ def run_one(run, out, num_epoch, extra, test_extra, limit_s, index=0):
     ckpt = next((os.path.join(save_root, c) for c in ("best.ckpt", "last.ckpt")
                  if os.path.isfile(os.path.join(save_root, c))), None)
     if ckpt is None:
-        print(f"[{run.name}] no checkpoint to test (no epoch finished within the budget)", file=sys.stderr)
-        record["status"] = "failed"
-        write_json(record_path, record)
-        return "failed"
+        return fail(run, record, record_path, "no checkpoint to test (no epoch finished within the budget)")
     test_root = os.path.join(save_root, "test")
     cmd = [sys.executable, os.path.join(ROOT, "Tester.py"), "--ckpt_path", ckpt, "--save_root", test_root,
            *tester_share(extra), *test_extra]
     rc, wall, _ = run_logged(cmd, os.path.join(save_root, "test.log"))
     if rc != 0:
-        record["status"] = "failed"
-        write_json(record_path, record)
-        print(f"[{run.name}] Tester failed (exit {rc}); see {save_root}/test.log:\n"
-              + log_tail(os.path.join(save_root, "test.log")), file=sys.stderr, flush=True)
-        return "failed"
+        return fail(run, record, record_path, f"Tester failed (exit {rc})", os.path.join(save_root, "test.log"))
     res = read_json(os.path.join(test_root, "results.json"), {})
     rows = [json.loads(x) for x in open(os.path.join(save_root, "metrics.jsonl")) if x.strip()]
     best_val = max((r["val_psnr"] for r in rows if "val_psnr" in r), default=float("nan"))
