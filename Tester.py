@@ -20,7 +20,7 @@ from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weig
 from modules.metrics import psnr, ssim
 from modules.options import ConfigError, check_tester, tester_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed, rollout, to_float
-from modules.visualize import save_gif, save_psnr_plot, to_uint8
+from modules.visualize import save_gif, save_psnr_plot
 
 
 def write_submission(path, videos):
@@ -117,7 +117,7 @@ def run(args):
     with open(os.path.join(save_root, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nWrote {save_root}/submission.csv ({shape[0]} rows x {shape[1]} columns)"
-          + ("" if args.no_gif else f" and pred_seq*.gif"), flush=True)
+          + ("" if args.no_gif else " and pred_seq*.gif"), flush=True)
     return 0
 
 

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
-from .metrics import psnr
+from .metrics import sequence_psnr
 from .runtime import rollout, to_float
 from .schedules import TeacherForcingCoins, kl_beta, lr_factor, teacher_forcing_ratio
 
@@ -202,7 +202,7 @@ def validate(model, val_set, args, speed, max_batch=8):
         gt, lab = to_float(gt, speed), to_float(lab, speed)
         eps = eps_all[:, lo:lo + len(ids)].to(speed.device)
         pred = rollout(model, gt[:, 0], lab, eps, speed)
-        curves.append(psnr(pred[:, 1:], gt[:, 1:]).cpu())  # (b, L-1)
+        curves.append(sequence_psnr(pred, gt).cpu())  # (b, L-1)
         mses.append((pred[:, 1:] - gt[:, 1:]).pow(2).flatten(2).mean(2).cpu())
         if pred0 is None:
             pred0, gt0 = pred[0].cpu(), gt[0].cpu()

@@ -2,7 +2,6 @@
 
 The plain path (`--plain`) is the reference: per-frame loop, float32, no channels_last, compile or
 CUDA graphs. The fast path computes the same function (tests check it on CPU in float32)."""
-import contextlib
 from dataclasses import dataclass
 
 import torch

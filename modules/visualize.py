@@ -1,5 +1,4 @@
 """GIFs and figures. matplotlib is imported lazily and with the Agg backend (no display)."""
-import os
 
 import imageio.v2 as imageio
 import numpy as np
@@ -46,9 +45,4 @@ def save_psnr_plot(curves, path, title="PSNR per frame"):
     fig = psnr_figure(curves, title)
     fig.savefig(path, dpi=120)
     plt.close(fig)
-    return path
-
-
-def ensure_dir(path):
-    os.makedirs(path, exist_ok=True)
     return path
