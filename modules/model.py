@@ -53,6 +53,29 @@ class VAE_Model(nn.Module):
         if residual:
             nn.init.zeros_(self.Generator[-1].weight)
             nn.init.zeros_(self.Generator[-1].bias)
+        self._start_at_the_prior(F_dim + L_dim)
+
+    @torch.no_grad()
+    def _start_at_the_prior(self, z_start):
+        """Initialise the model as a deterministic predictor whose posterior equals the prior.
+
+        With default initialisation the posterior starts far from N(0, I) (a KL gradient ~1,000x
+        the reconstruction gradient) and the decoder reads z, pure noise at first, through random
+        weights: training sits at the mean image for hundreds of steps. Here the last layer of the
+        Gaussian predictor (and of the learned prior) starts at zero, so q = p = N(0, I) and the
+        KL is 0, and every weight that reads the z channels of the Decoder_Fusion input (channels
+        z_start...) starts at zero, so the first frames do not depend on z. Both are ordinary
+        weights that train from there; only the starting point differs from PyTorch's default."""
+        for predictor in (self.Gaussian_Predictor, self.prior):
+            if predictor is not None:
+                nn.init.zeros_(predictor[-1].weight)
+                nn.init.zeros_(predictor[-1].bias)
+        # z enters as the last channels of the concatenation. Block 0 (a DepthConvBlock) keeps
+        # them on its identity path, so zero its two input convolutions' z columns and those of
+        # block 1 (a ResidualBlock), the first layer that reduces the channels.
+        fusion = self.Decoder_Fusion
+        for conv in (fusion[0].block[0].conv1[0], fusion[0].block[1].conv, fusion[1].conv1, fusion[1].adaptor):
+            conv.weight[:, z_start:] = 0
 
     # ---- pieces -------------------------------------------------------------------------------
     def _call(self, module, *args, grad_ckpt=False):

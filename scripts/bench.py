@@ -37,6 +37,8 @@ def get_parser():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotuning)")
     p.add_argument("--gen_len", type=int, default=630, help="frames per generated sequence")
     p.add_argument("--gen_seqs", type=int, default=5, help="sequences generated together on the fast path")
+    p.add_argument("--compile_gen", action="store_true",
+                   help="torch.compile the generation step of the fast path (then captured as usual)")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing on the fast path")
     p.add_argument("--tf", choices=("on", "off"), default="on",
                    help="teacher forcing during the timed steps (off: the per-frame loop on both paths)")
@@ -152,6 +154,7 @@ def main(argv=None):
         return 2
     torch.manual_seed(args.seed)
     fast = resolve_speed(args)
+    fast.compile_gen = args.compile_gen
     plain = Speed(device=fast.device, amp=False, channels_last=False, compile=False, cuda_graphs=False, fast=False)
     base = VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior, residual=args.residual)
     res = {"device": torch.cuda.get_device_name(fast.device) if fast.device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
@@ -159,7 +162,7 @@ def main(argv=None):
            "gen_len": args.gen_len, "gen_seqs": args.gen_seqs, "teacher_forcing": args.tf,
            "dims": [args.F_dim, args.L_dim, args.N_dim, args.D_out_dim],
            "fast": {"amp": fast.amp, "channels_last": fast.channels_last, "compile": fast.compile,
-                    "cuda_graphs": fast.cuda_graphs, "grad_ckpt": args.grad_ckpt}}
+                    "cuda_graphs": fast.cuda_graphs, "compile_gen": fast.compile_gen, "grad_ckpt": args.grad_ckpt}}
 
     def log(msg):
         if not args.json:

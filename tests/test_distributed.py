@@ -91,13 +91,15 @@ def test_torchrun_two_processes_match_one_with_doubled_batch(tiny_dance, tmp_pat
 
     # 6 windows: 3 steps of 2 windows in both runs, the same global batches and posterior noise.
     # What remains is BatchNorm in the pose encoder: on the CPU there is no SyncBatchNorm, so each
-    # rank normalises by the statistics of its own window instead of the pair's. Measured: 9e-6
-    # (loss) and 3e-6 (mse) relative. A sharding error is far larger: the per-window mse here
-    # ranges 0.18-0.34 and the KL 457-563, so a rank training on the wrong windows moves the
-    # epoch mse by >10% and the loss by >0.2%.
+    # rank normalises by the statistics of its own window instead of the pair's. A sharding error
+    # is far larger: the per-window mse here ranges 0.18-0.34, so a rank training on the wrong
+    # windows moves the epoch mse by >10%. The KL starts at 0 (the posterior starts at the prior)
+    # and is ~0.005 after 3 steps, so it is held to the loss's absolute tolerance (measured
+    # difference 5e-6) rather than a relative one.
     assert rows[0]["steps"] == ref[0]["steps"] == 3
-    for key in ("loss", "mse", "kl"):
+    for key in ("loss", "mse"):
         assert rows[0][key] == pytest.approx(ref[0][key], rel=2e-4), key
+    assert rows[0]["kl"] == pytest.approx(ref[0]["kl"], abs=2e-4 * ref[0]["loss"])
 
     # The checkpoint loads in a single-process Tester ...
     assert Tester.main(["--ckpt_path", str(ddp / "last.ckpt"), "--DR", str(tiny_dance), "--test_len", "20",

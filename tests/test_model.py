@@ -8,6 +8,8 @@ from modules.model import kl_gaussians, kl_standard_normal
 from modules.modules import reparameterize
 from modules.runtime import Speed, rollout
 
+from helpers import jitter
+
 TINY = (16, 8, 4, 16)
 
 
@@ -117,7 +119,7 @@ def test_fast_path_matches_plain(tf, prior, residual):
     """The batched teacher-forced frames (fast) against the per-frame loop (plain): same loss,
     predictions and gradients, float32 on CPU."""
     torch.manual_seed(0)
-    model = VAE_Model(*TINY, prior=prior, residual=residual)
+    model = jitter(VAE_Model(*TINY, prior=prior, residual=residual))
     if residual:  # away from the zero start, so the Generator's output matters
         torch.nn.init.normal_(model.Generator[-1].weight, std=0.1)
     img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
@@ -139,7 +141,7 @@ def _rel_err(a, b):
 
 def test_activation_checkpointing_same_function():
     torch.manual_seed(0)
-    model = VAE_Model(*TINY)
+    model = jitter(VAE_Model(*TINY))
     img, lab = torch.rand(2, 4, 3, 32, 64), torch.rand(2, 4, 3, 32, 64)
     eps = torch.randn(2, 3, 4, 32, 64)
     a, ga = _loss_and_grads(model, img, lab, True, eps, fast=True, grad_ckpt=True)
@@ -154,7 +156,7 @@ def test_fast_rollout_matches_plain(z_mode):
     """Sequences batched, pose features computed once, channels_last: same frames as the plain
     one-sequence-at-a-time loop for the same noise (float32, CPU)."""
     torch.manual_seed(0)
-    model = VAE_Model(*TINY, prior="learned").eval()
+    model = jitter(VAE_Model(*TINY, prior="learned")).eval()
     first, labels = torch.rand(3, 3, 32, 64), torch.rand(3, 8, 3, 32, 64)
     eps = model.sample_noise(3, 8, 32, 64, generator=torch.Generator().manual_seed(1))
     cpu = torch.device("cpu")
@@ -167,7 +169,7 @@ def test_fast_rollout_matches_plain(z_mode):
 
 def test_generation_uses_the_noise_only_when_sampling():
     torch.manual_seed(0)
-    model = VAE_Model(*TINY).eval()
+    model = jitter(VAE_Model(*TINY)).eval()
     first, labels = torch.rand(1, 3, 32, 64), torch.rand(1, 4, 3, 32, 64)
     e1, e2 = model.sample_noise(1, 4, 32, 64), model.sample_noise(1, 4, 32, 64)
     assert not torch.equal(model.generate(first, labels, e1), model.generate(first, labels, e2))
@@ -183,3 +185,40 @@ def test_residual_model_starts_as_a_copy_of_the_previous_frame():
     torch.testing.assert_close(out, first[:, None].expand(-1, 6, -1, -1, -1))
     img = torch.rand(2, 4, 3, 32, 64)
     torch.testing.assert_close(model(img, labels[:, :4], True)["pred"], img[:, :-1])
+
+
+@pytest.mark.parametrize("prior", ["fixed", "learned"])
+def test_model_starts_at_the_prior_and_blind_to_z(prior):
+    """At initialisation q = p = N(0, I) (KL exactly 0) and the frames do not depend on z; the
+    zeroed weights still get gradients, so training can move them."""
+    torch.manual_seed(0)
+    model = VAE_Model(*TINY, prior=prior)
+    img, labels = torch.rand(2, 4, 3, 32, 64), torch.rand(2, 4, 3, 32, 64)
+    e1, e2 = torch.randn(2, 3, TINY[2], 32, 64), torch.randn(2, 3, TINY[2], 32, 64)
+    a, b = model(img, labels, True, eps=e1), model(img, labels, True, eps=e2)
+    assert a["kl"].item() == 0.0
+    torch.testing.assert_close(a["pred"], b["pred"], rtol=0, atol=0)
+    # A loss that rewards using z: the decoder's z weights get a gradient at once; the posterior's
+    # last layer gets one as soon as the decoder reads z (after one step).
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(2):
+        opt.zero_grad()
+        out = model(img, labels, True, eps=e1)
+        (out["recon"] - (out["pred"] * e1[:, :, :1]).mean()).backward()
+        if step == 0:
+            assert model.Decoder_Fusion[1].conv1.weight.grad[:, TINY[0] + TINY[1]:].abs().sum() > 0
+        opt.step()
+    assert model.Gaussian_Predictor[-1].weight.grad.abs().sum() > 0
+
+
+def test_compiled_generation_step_matches_plain():
+    """--compile_gen (bench): the torch.compile'd step gives the plain rollout's frames (float32,
+    CPU; on CUDA the same compiled step is then captured in a graph)."""
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(*TINY)).eval()
+    first, labels = torch.rand(2, 3, 32, 64), torch.rand(2, 5, 3, 32, 64)
+    eps = model.sample_noise(2, 5, 32, 64, generator=torch.Generator().manual_seed(1))
+    cpu = torch.device("cpu")
+    plain = rollout(model, first, labels, eps, Speed(cpu, False, False, False, False, False))
+    compiled = rollout(model, first, labels, eps, Speed(cpu, False, False, False, False, True, compile_gen=True))
+    torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-5)

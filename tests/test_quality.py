@@ -13,6 +13,8 @@ import Trainer
 from modules.metrics import psnr, ssim
 from modules.model import VAE_Model, kl_gaussians, kl_standard_normal
 
+from helpers import jitter
+
 TINY = ["--F_dim", "16", "--L_dim", "8", "--N_dim", "4", "--D_out_dim", "16", "--device", "cpu", "--amp", "off"]
 
 
@@ -43,7 +45,7 @@ def test_learned_prior_kl_in_the_training_pass():
     """forward()'s KL is KL(q(z_t | x_t, pose_t) || p(z_t | x_{t-1}, pose_t)) summed over the latent
     map and averaged over sequences and frames, with p the prior network on the previous frame."""
     torch.manual_seed(0)
-    model = VAE_Model(16, 8, 4, 16, prior="learned").eval()  # eval: BatchNorm independent of the batch
+    model = jitter(VAE_Model(16, 8, 4, 16, prior="learned")).eval()  # eval: BatchNorm independent of the batch
     B, T, H, W = 2, 4, 32, 64
     img, label = torch.rand(B, T, 3, H, W), torch.rand(B, T, 3, H, W)
     eps = torch.randn(B, T - 1, 4, H, W)
@@ -64,7 +66,7 @@ def test_learned_prior_kl_in_the_training_pass():
 @pytest.mark.parametrize("prior", ["fixed", "learned"])
 def test_prior_sampling_shapes_and_modes(prior):
     torch.manual_seed(0)
-    model = VAE_Model(16, 8, 4, 16, prior=prior).eval()
+    model = jitter(VAE_Model(16, 8, 4, 16, prior=prior)).eval()
     B, L, H, W = 3, 5, 32, 64
     eps = model.sample_noise(B, L, H, W, generator=torch.Generator().manual_seed(1))
     assert eps.shape == (L - 1, B, 4, H, W)
