@@ -111,6 +111,12 @@ def run(args):
             results[key] = float(np.mean([r[key] for r in results["sequences"]]))
         best = f"{results['best_of_k_psnr']:9.3f}" if K > 1 else " " * 9
         print(f"{'avg':>6} | {results['psnr']:7.3f} | {best} | {results['ssim']:6.4f} | {results['copy_first_psnr']:7.3f}")
+        # Drift: how much worse the end of the rollouts is than their start.
+        n = min(100, (L - 1) // 2)
+        curve = np.mean([r["psnr_per_frame"] for r in results["sequences"]], 0)
+        results["psnr_first_frames"], results["psnr_last_frames"] = float(curve[:n].mean()), float(curve[-n:].mean())
+        print(f"drift: mean PSNR {results['psnr_first_frames']:.3f} dB over frames 1-{n}, "
+              f"{results['psnr_last_frames']:.3f} dB over frames {L - n}-{L - 1}")
         if K > 1:
             print("(best-of-K picks the sample closest to the truth: an oracle metric, not a prediction score)")
         save_psnr_plot(curves, os.path.join(save_root, "psnr_per_frame.png"), "Test PSNR per frame")

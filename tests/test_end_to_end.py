@@ -3,6 +3,7 @@ import csv
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,6 +71,11 @@ def test_tester_submission_gifs_and_reproducibility(run, tmp_path, capsys):
     res = json.loads((outs[0] / "results.json").read_text())
     assert len(res["sequences"]) == 2 and res["copy_first_psnr"] > 0 and "psnr" in res
     assert "copy-first" in capsys.readouterr().out
+    # Drift: means over the first and last 9 predicted frames of the averaged per-frame curve.
+    curve = np.mean([r["psnr_per_frame"] for r in res["sequences"]], 0)
+    assert len(curve) == 19
+    assert res["psnr_first_frames"] == pytest.approx(curve[:9].mean())
+    assert res["psnr_last_frames"] == pytest.approx(curve[-9:].mean())
 
 
 def test_tester_other_seed_changes_the_samples(run, tmp_path):
