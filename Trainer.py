@@ -32,10 +32,11 @@ DEFAULT_DR = "data/dance"
 class StopRequest:
     """Ctrl-C / SIGTERM set a flag the loop checks between steps; a second Ctrl-C aborts."""
 
-    def __init__(self):
+    def __init__(self, verbose=True):
         self.requested = False
         self.signal = None
         self.previous = {}
+        self.verbose = verbose  # under torchrun only rank 0 says so (Ctrl-C reaches every rank)
 
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -51,8 +52,9 @@ class StopRequest:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested, self.signal = True, signal.Signals(signum).name
-        print(f"\n{self.signal} received: finishing this step and writing a checkpoint "
-              "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+        if self.verbose:
+            print(f"\n{self.signal} received: finishing this step and writing a checkpoint "
+                  "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
 
 def build_model(args):
@@ -215,7 +217,7 @@ def log_epoch(writer, row, val):
 
 def run(args):
     d = distributed.setup(args)
-    stop = StopRequest()
+    stop = StopRequest(verbose=d.is_main)
     try:
         return _train(args, d, stop)
     finally:

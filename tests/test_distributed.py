@@ -139,6 +139,7 @@ def test_sigterm_under_torchrun_stops_all_ranks_with_a_checkpoint(tiny_dance, tm
     log.seek(0)
     text = log.read()
     assert "Stopped at epoch" in text, text[-3000:]
+    assert text.count("SIGTERM received") == 1  # rank 0 alone says so
     assert took < 20, f"stopping took {took:.1f} s"
     ckpt = torch.load(save / "last.ckpt", map_location="cpu", weights_only=True)
     assert 1 <= ckpt["epoch"] < 50
