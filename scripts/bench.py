@@ -106,13 +106,17 @@ def time_generation(model, speed, args, n_seq, plain):
     first = to_float(torch.randint(0, 256, (n_seq, 3, H, W), dtype=torch.uint8, generator=g), speed)
     labels = to_float(torch.randint(0, 256, (n_seq, L, 3, H, W), dtype=torch.uint8, generator=g), speed)
     eps = model.sample_noise(n_seq, L, H, W, generator=g).to(speed.device)
-    if not plain:  # one untimed rollout: cuDNN autotuning and allocator warm-up
-        rollout(model, first, labels, eps[:, :, :], speed)
+    warm_s = 0.0
+    if not plain:  # one untimed rollout: compile, cuDNN autotuning and allocator warm-up
+        t0 = time.perf_counter()
+        rollout(model, first, labels, eps, speed)
+        sync(speed.device)
+        warm_s = time.perf_counter() - t0
     sync(speed.device)
     t0 = time.perf_counter()
     rollout(model, first, labels, eps, speed)
     sync(speed.device)
-    return n_seq * (L - 1) / (time.perf_counter() - t0)
+    return n_seq * (L - 1) / (time.perf_counter() - t0), warm_s
 
 
 def time_data(args, speed, train_steps_per_s):
@@ -172,7 +176,7 @@ def main(argv=None):
         m = prepare_model(copy.deepcopy(base), plain)
         res["eager_train_frames_per_s"], res["eager_peak_mem_mb"], _, _ = time_training(m, plain, args, eager=True)
         log(f"eager train: {res['eager_train_frames_per_s']:.1f} frames/s")
-        res["eager_gen_frames_per_s"] = time_generation(m, plain, args, 1, plain=True)
+        res["eager_gen_frames_per_s"], _ = time_generation(m, plain, args, 1, plain=True)
         log(f"eager generation (1 sequence): {res['eager_gen_frames_per_s']:.1f} frames/s")
         del m
     if fast.device.type == "cuda":
@@ -182,11 +186,12 @@ def main(argv=None):
     res.update(train_frames_per_s=tfps, peak_mem_mb=peak, act_mem_mb_per_sample_frame=act, warmup_s=warm_s)
     log(f"fast train: {tfps:.1f} frames/s, peak memory {peak:.0f} MB"
         + (f", activations {act:.2f} MB per sample-frame" if act is not None else "") + f" (warm-up {warm_s:.1f}s)")
-    res["gen_1seq_frames_per_s"] = time_generation(m, fast, args, 1, plain=False)
-    res["gen_frames_per_s"] = time_generation(m, fast, args, args.gen_seqs, plain=False)
+    res["gen_1seq_frames_per_s"], res["gen_warmup_s"] = time_generation(m, fast, args, 1, plain=False)
+    res["gen_frames_per_s"], _ = time_generation(m, fast, args, args.gen_seqs, plain=False)
     res["gen_batch_seconds"] = args.gen_seqs * (args.gen_len - 1) / res["gen_frames_per_s"]
     log(f"fast generation: {res['gen_1seq_frames_per_s']:.1f} frames/s (1 sequence), "
-        f"{res['gen_frames_per_s']:.1f} frames/s ({args.gen_seqs} sequences: {res['gen_batch_seconds']:.3f} s)")
+        f"{res['gen_frames_per_s']:.1f} frames/s ({args.gen_seqs} sequences: {res['gen_batch_seconds']:.3f} s); "
+        f"first rollout (warm-up) {res['gen_warmup_s']:.1f} s")
     res["data_batches_per_s"], res["data_over_train"] = time_data(args, fast, tfps / (args.batch_size * (args.train_vi_len - 1)))
     log(f"data path: {res['data_batches_per_s']:.0f} batches/s, {res['data_over_train']:.0f}x the training step rate")
     fpf = flops_per_frame(base.to(fast.device), fast, args)
