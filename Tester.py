@@ -112,7 +112,7 @@ def run(args):
         best = f"{results['best_of_k_psnr']:9.3f}" if K > 1 else " " * 9
         print(f"{'avg':>6} | {results['psnr']:7.3f} | {best} | {results['ssim']:6.4f} | {results['copy_first_psnr']:7.3f}")
         # Drift: how much worse the end of the rollouts is than their start.
-        n = min(100, (L - 1) // 2)
+        n = max(1, min(100, (L - 1) // 2))
         curve = np.mean([r["psnr_per_frame"] for r in results["sequences"]], 0)
         results["psnr_first_frames"], results["psnr_last_frames"] = float(curve[:n].mean()), float(curve[-n:].mean())
         print(f"drift: mean PSNR {results['psnr_first_frames']:.3f} dB over frames 1-{n}, "
