@@ -45,7 +45,7 @@ def load_model(path, args):
         if margs.get(k) not in (None, getattr(args, k)):
             print(f"note: the checkpoint was trained at --{k} {margs[k]}; testing at {getattr(args, k)}")
     model = VAE_Model(margs["F_dim"], margs["L_dim"], margs["N_dim"], margs["D_out_dim"], prior=margs["prior"],
-                      residual=bool(margs.get("residual")))
+                      residual=bool(margs.get("residual")), condition=margs.get("condition") or "previous")
     load_model_weights(model, ckpt, path)
     return model.eval(), margs
 

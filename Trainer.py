@@ -58,7 +58,8 @@ class StopRequest:
 
 
 def build_model(args):
-    return VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior, residual=args.residual)
+    return VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior, residual=args.residual,
+                     condition=args.condition)
 
 
 def build_optimizer(model, args, speed):

@@ -14,6 +14,7 @@ from .modules import Decoder_Fusion, Gaussian_Predictor, Generator, Label_Encode
 Z_MODES = ("sample", "zero", "prior_mean")
 PRIORS = ("fixed", "learned")
 RECONS = ("mse", "l1")
+CONDITIONS = ("previous", "first")
 
 
 def kl_standard_normal(mu, logvar):
@@ -37,13 +38,22 @@ class VAE_Model(nn.Module):
     residual=True (not the lab's) makes the Generator predict the change from the previous frame,
     x_t = x_{t-1} + G(...), with G's last layer starting at zero: the untrained model copies the
     previous frame, and training starts from the copy baseline instead of from the mean image.
-    It adds no parameter, so the state_dict keys are the lab's either way."""
+    It adds no parameter, so the state_dict keys are the lab's either way.
 
-    def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False):
+    condition="first" (not the lab's) generates every frame from the sequence's first frame
+    instead of the previous one: x_t = decode(frame_transformation(x_0), pose_t, z_t). The rollout
+    never reads its own output, so errors cannot compound over a long sequence; appearance comes
+    from x_0 and position from the pose. With residual=True the change is from x_0. Same modules,
+    same state_dict keys; "previous" is the lab's model."""
+
+    def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
+                 condition="previous"):
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
-        self.N_dim, self.prior_type, self.residual = N_dim, prior, residual
+        if condition not in CONDITIONS:
+            raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+        self.N_dim, self.prior_type, self.residual, self.condition = N_dim, prior, residual, condition
         self.frame_transformation = RGB_Encoder(3, F_dim)
         self.label_transformation = Label_Encoder(3, L_dim)
         self.Gaussian_Predictor = Gaussian_Predictor(F_dim + L_dim, N_dim)
@@ -141,14 +151,21 @@ class VAE_Model(nn.Module):
                                    _flat(eps), grad_ckpt=grad_ckpt)
         z = z.unflatten(0, (B, T - 1))  # reparameterised sample of q(z_t | x_t, pose_t)
 
-        if fast and all(tf):
-            prev_feat = frame_feat[:, :-1]
-            pred = self.decode(_flat(prev_feat), _flat(label_feat), _flat(z), _flat(img[:, :-1]), grad_ckpt=grad_ckpt)
+        anchored = self.condition == "first"  # every frame from frame 0: teacher forcing is moot
+        if fast and (anchored or all(tf)):
+            if anchored:
+                prev_feat = frame_feat[:, :1].expand(-1, T - 1, *frame_feat.shape[2:])
+                prev_img = img[:, :1].expand(-1, T - 1, *img.shape[2:])
+            else:
+                prev_feat, prev_img = frame_feat[:, :-1], img[:, :-1]
+            pred = self.decode(_flat(prev_feat), _flat(label_feat), _flat(z), _flat(prev_img), grad_ckpt=grad_ckpt)
             pred = pred.unflatten(0, (B, T - 1))
         else:
             preds, prev_feats, out = [], [], None
             for t in range(1, T):
-                if t == 1 or tf[t - 1]:
+                if anchored:
+                    prev_img, prev = img[:, 0], frame_feat[:, 0]
+                elif t == 1 or tf[t - 1]:
                     prev_img = img[:, t - 1]
                     prev = frame_feat[:, t - 1] if fast else self.frame_transformation(prev_img)
                 else:
@@ -172,11 +189,13 @@ class VAE_Model(nn.Module):
         return dict(loss=rec + beta * kl, recon=rec, kl=kl, pred=pred)
 
     # ---- generation ---------------------------------------------------------------------------
-    def step(self, prev_img, label_feat, eps, z_mode="sample"):
-        """One generated frame: previous image (B, 3, H, W), pose features of frame t and noise
-        eps (B, N, H, W) -> frame t clamped to [0, 1]. z = prior mean + eps * prior std
-        ("sample"), the prior mean ("prior_mean"), or 0 ("zero")."""
-        prev_feat = self.frame_transformation(prev_img)
+    def step(self, prev_img, label_feat, eps, z_mode="sample", prev_feat=None):
+        """One generated frame: previous image (B, 3, H, W) (the first frame under
+        condition="first"), pose features of frame t and noise eps (B, N, H, W) -> frame t clamped
+        to [0, 1]. z = prior mean + eps * prior std ("sample"), the prior mean ("prior_mean"), or
+        0 ("zero"). prev_feat, when given, is frame_transformation(prev_img) computed already."""
+        if prev_feat is None:
+            prev_feat = self.frame_transformation(prev_img)
         mu, logvar = self.prior_params(prev_feat, label_feat)
         if z_mode == "sample":
             z = mu + eps * torch.exp(0.5 * logvar)
@@ -203,9 +222,31 @@ class VAE_Model(nn.Module):
         step_fn = step_fn or (lambda p, lf, e: self.step(p, lf, e, z_mode))
         out, prev = [first.float()], first
         for t in range(label_feat.shape[1]):
-            prev = step_fn(prev, label_feat[:, t], eps[t])
+            prev = step_fn(first if self.condition == "first" else prev, label_feat[:, t], eps[t])
             out.append(prev.float())
         return torch.stack(out, 1)
+
+    @torch.no_grad()
+    def generate_from_first(self, first, label_feat, eps, z_mode="sample", chunk=256):
+        """The rollout of condition="first" as batches of frames instead of a loop: no frame
+        depends on another, so up to `chunk` frames (of all sequences) run at once and the first
+        frames are encoded once. first (B, 3, H, W), label_feat (B, L-1, L_dim, H, W), eps
+        (L-1, B, N, H, W). Same function as `generate`; returns (B, L, 3, H, W) float32."""
+        if self.condition != "first":
+            raise ValueError("generate_from_first needs condition='first'")
+        B, n = label_feat.shape[:2]
+        feat = self.frame_transformation(first)
+        per = max(1, chunk // B)  # frames per batch
+        out = [first.float()[:, None]]
+        for lo in range(0, n, per):
+            k = min(per, n - lo)
+
+            def rep(x):  # (B, ...) -> (B * k, ...), sequence-major like label_feat's flattening
+                return x[:, None].expand(B, k, *x.shape[1:]).flatten(0, 1)
+            frames = self.step(rep(first), label_feat[:, lo:lo + k].flatten(0, 1),
+                               eps[lo:lo + k].transpose(0, 1).flatten(0, 1), z_mode, prev_feat=rep(feat))
+            out.append(frames.unflatten(0, (B, k)).float())
+        return torch.cat(out, 1)
 
     @torch.no_grad()
     def generate_plain(self, first, labels, eps, z_mode="sample"):
@@ -216,6 +257,8 @@ class VAE_Model(nn.Module):
             prev, out = first[b:b + 1], [first[b:b + 1]]
             for t in range(1, labels.shape[1]):
                 label_feat = self.label_transformation(labels[b:b + 1, t])
+                if self.condition == "first":
+                    prev = first[b:b + 1]
                 prev = self.step(prev, label_feat, eps[t - 1, b:b + 1], z_mode)
                 out.append(prev)
             seqs.append(torch.stack(out, 1))

@@ -4,7 +4,7 @@ import argparse
 import os
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
-MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual")
+MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition")
 KL_TYPES = ("Cyclical", "Monotonic", "Full_KL", "None")
 TF_MODES = ("epoch", "step", "frame")
 SCHEDULERS = ("multistep", "step", "cosine", "none")
@@ -42,6 +42,10 @@ def common_parser():
     g.add_argument("--residual", action="store_true",
                    help="not the lab's: the Generator predicts the change from the previous frame "
                         "(starts as a copy of it; learns much faster)")
+    g.add_argument("--condition", choices=("previous", "first"), default="previous",
+                   help="what each frame is generated from: the previous frame (the lab's) or, not "
+                        "the lab's, the sequence's first frame (errors cannot compound over long "
+                        "rollouts; teacher forcing has nothing to do)")
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     g.add_argument("--gpu", type=int, default=1,

@@ -114,6 +114,8 @@ def rollout(model, first, labels, eps, speed, z_mode="sample"):
             # Pose features of the whole sequence are computed once, before the loop.
             B, L = labels.shape[:2]
             label_feat = model.encode_labels(labels[:, 1:].flatten(0, 1)).unflatten(0, (B, L - 1))
+            if model.condition == "first":  # no frame reads another: batches of frames, no loop
+                return model.generate_from_first(first, label_feat, eps, z_mode).float()
         step = make_step_fn(model, speed, z_mode, (first, label_feat[:, 0], eps[0]))
         return model.generate(first, None, eps, z_mode, step_fn=step, label_feat=label_feat)
     finally:

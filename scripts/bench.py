@@ -160,7 +160,8 @@ def main(argv=None):
     fast = resolve_speed(args)
     fast.compile_gen = args.compile_gen
     plain = Speed(device=fast.device, amp=False, channels_last=False, compile=False, cuda_graphs=False, fast=False)
-    base = VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior, residual=args.residual)
+    base = VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior, residual=args.residual,
+                     condition=args.condition)
     res = {"device": torch.cuda.get_device_name(fast.device) if fast.device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "batch_size": args.batch_size, "train_vi_len": args.train_vi_len,
            "gen_len": args.gen_len, "gen_seqs": args.gen_seqs, "teacher_forcing": args.tf,

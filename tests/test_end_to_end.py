@@ -89,6 +89,18 @@ def test_tester_other_seed_changes_the_samples(run, tmp_path):
     assert csvs[0] != csvs[1]
 
 
+def test_tester_rebuilds_the_model_options_from_the_checkpoint(tmp_path):
+    """--residual, --condition and --prior come back from the checkpoint's stored arguments."""
+    from modules.checkpoint import save_checkpoint
+    model = VAE_Model(16, 8, 4, 16, prior="learned", residual=True, condition="first")
+    args = dict(F_dim=16, L_dim=8, N_dim=4, D_out_dim=16, prior="learned", residual=True, condition="first")
+    path = tmp_path / "last.ckpt"
+    save_checkpoint(path, {"model": model.state_dict(), "args": args})
+    opts = Tester.tester_parser().parse_args(["--ckpt_path", str(path)])
+    loaded, _ = Tester.load_model(str(path), opts)
+    assert (loaded.prior_type, loaded.residual, loaded.condition) == ("learned", True, "first")
+
+
 def test_lab_format_checkpoint_loads_in_tester(run, tmp_path):
     dr, _ = run
     model = VAE_Model(16, 8, 4, 16)
