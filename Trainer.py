@@ -258,7 +258,8 @@ def _train(args, d, stop):
 
     train_set = TrainWindows(args.DR, args.frame_H, args.frame_W, video_len=args.train_vi_len,
                              partial=1.0, split="train", cache=cache)
-    batches = WindowBatches(train_set, args.batch_size, speed.device, args.seed, d.rank, d.world_size)
+    batches = WindowBatches(train_set, args.batch_size, speed.device, args.seed, d.rank, d.world_size,
+                            first_from=args.first_frame_from)
     if batches.steps(args.partial * (args.fast_partial if args.fast_train else 1.0)) == 0:
         raise ConfigError(f"{len(train_set)} training windows of {args.train_vi_len} frames make no batch of "
                           f"{args.batch_size} x {d.world_size} process(es) at --partial {args.partial}; "

@@ -21,10 +21,21 @@ class WindowBatches:
 
     The order comes from a DistributedSampler seeded by (seed, epoch): each rank of a torchrun job
     gets its own shard, a single process gets the whole permutation, and a resumed run replays
-    the same order."""
+    the same order.
 
-    def __init__(self, dataset, batch_size, device, seed=0, rank=0, world_size=1):
+    first_from="video" replaces frame 0 of each window with a frame drawn uniformly from the same
+    video (for condition="first": the conditioning frame at any distance from the targets). The
+    draw is a pure function of (seed, epoch, window), like the posterior noise."""
+
+    def __init__(self, dataset, batch_size, device, seed=0, rank=0, world_size=1, first_from="window"):
         self.frames, self.labels = dataset.frames, dataset.labels
+        self.first_from = first_from
+        if first_from == "video":
+            # (offset, length) of the video that holds each window
+            lengths = torch.tensor(dataset.video_lengths, dtype=torch.int64)
+            offsets = torch.cumsum(lengths, 0) - lengths
+            video = torch.searchsorted(offsets, dataset.starts, right=True) - 1
+            self.video_span = torch.stack([offsets[video], lengths[video]], 1)
         self.starts, self.video_len = dataset.starts, dataset.video_len
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         if device.type == "cuda":
@@ -53,10 +64,22 @@ class WindowBatches:
         steps = len(idx) // self.batch_size
         return idx[:steps * self.batch_size].view(steps, self.batch_size)
 
-    def gather(self, idx):
+    def gather(self, idx, epoch=0):
         """(B,) window indices -> uint8 (B, T, 3, H, W) frames and labels."""
         frame_idx = self.starts[idx.to(self.starts.device)][:, None] + self.offsets  # (B, T)
+        if self.first_from == "video":
+            frame_idx[:, 0] = self.first_frames(idx, epoch).to(frame_idx.device)
         return self.frames[frame_idx], self.labels[frame_idx]
+
+    def first_frames(self, idx, epoch):
+        """(B,) window indices -> (B,) frame indices drawn uniformly from each window's video."""
+        g = torch.Generator()
+        out = []
+        for w in idx.tolist():
+            offset, length = self.video_span[w].tolist()
+            g.manual_seed(((self.seed * 1_000_003 + epoch) * 1_000_003 + w) % 2**63 ^ 0x5EED)
+            out.append(offset + int(torch.randint(length, (1,), generator=g)))
+        return torch.tensor(out, dtype=torch.int64)
 
 
 def posterior_noise(windows, epoch, seed, shape, device):
@@ -124,7 +147,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
         lr = args.lr * lr_factor(epoch + step / max(steps_per_epoch, 1), args)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        img, label = batches.gather(plan[step])
+        img, label = batches.gather(plan[step], epoch)
         img, label = to_float(img, speed), to_float(label, speed)
         eps = posterior_noise(plan[step], epoch, args.seed, (T - 1, args.N_dim, *img.shape[-2:]), speed.device)
         with speed.autocast():

@@ -106,6 +106,10 @@ def trainer_parser():
     g.add_argument("--tfr_d_step", type=float, default=0.1, help="decay per epoch (floor 0)")
     g.add_argument("--tf_mode", choices=TF_MODES, default="epoch",
                    help="one coin per epoch (the lab's), per step, or per frame (scheduled sampling)")
+    g.add_argument("--first_frame_from", choices=("window", "video"), default="window",
+                   help="with --condition first, the frame that training conditions on: the window's "
+                        "first, or a random frame of the same video (gaps as long as a test "
+                        "sequence's, not only train_vi_len - 1)")
     g = p.add_argument_group("KL annealing")
     g.add_argument("--kl_anneal_type", choices=KL_TYPES, default="Cyclical")
     g.add_argument("--kl_anneal_cycle", type=int, default=10)
@@ -192,6 +196,9 @@ def check_trainer(args):
             raise ConfigError(f"--{n} must lie in (0, 1], got {getattr(args, n)}")
     if args.grad_clip < 0 or args.weight_decay < 0 or args.tfr_sde < 0 or args.min_lr < 0 or args.warmup_epochs < 0:
         raise ConfigError("--grad_clip, --weight_decay, --tfr_sde, --min_lr and --warmup_epochs must be >= 0")
+    if args.first_frame_from == "video" and args.condition != "first":
+        raise ConfigError("--first_frame_from video needs --condition first (the lab's model "
+                          "conditions on the previous frame)")
     if args.ckpt_path and args.resume:
         raise ConfigError("give either --ckpt_path or --resume, not both")
     if args.test and not (args.ckpt_path or args.resume):

@@ -67,6 +67,7 @@ def args_for_tester(dr, ckpt, *extra):
     (["--kl_anneal_ratio", "-0.5"], "--kl_anneal_ratio must be positive"),
     (["--partial", "0"], "--partial must lie in (0, 1]"),
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
+    (["--first_frame_from", "video"], "--first_frame_from video needs --condition first"),
 ])
 def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
     line = error_of(Trainer.main, [*args_for_trainer(trained[0]), *flags, "--save_root", tmp_path / "run"], capsys)

@@ -169,6 +169,30 @@ def test_rank_shards_make_the_single_process_batches():
         assert [sorted(b.tolist()) for b in one] == [sorted(b.tolist()) for b in torch.cat(shards, 1)]
 
 
+def test_first_frame_from_the_video():
+    """first_from="video": frame 0 of a window is drawn from its own video (any of its frames),
+    the same for a window whatever its batch, another in another epoch; frames 1.. untouched."""
+    data = _Windows(12, T=4)
+    data.frames = torch.arange(48, dtype=torch.uint8)[:, None, None, None].expand(-1, 3, 2, 2).contiguous()
+    data.labels = data.frames.clone()
+    data.video_lengths = [20, 28]  # windows 0-4 in video 0 (frames 0-19), windows 5-11 in video 1
+    b = WindowBatches(data, 2, torch.device("cpu"), seed=5, first_from="video")
+    drawn = {}
+    for epoch in range(40):
+        frames, _ = b.gather(torch.arange(12), epoch)
+        frames = frames[:, :, 0, 0, 0].long()
+        assert torch.equal(frames[:, 1:], (torch.arange(12) * 4)[:, None] + torch.arange(1, 4))
+        first = frames[:, 0]
+        assert ((first[:5] >= 0) & (first[:5] < 20)).all() and ((first[5:] >= 20) & (first[5:] < 48)).all()
+        alone, _ = b.gather(torch.tensor([7, 3]), epoch)
+        assert alone[:, 0, 0, 0, 0].tolist() == [first[7].item(), first[3].item()]
+        for w in range(12):
+            drawn.setdefault(w, set()).add(first[w].item())
+    assert all(len(v) > 10 for v in drawn.values())  # a fresh draw each epoch
+    plain, _ = WindowBatches(data, 2, torch.device("cpu"), seed=5).gather(torch.arange(12))
+    assert torch.equal(plain[:, 0, 0, 0, 0].long(), torch.arange(12) * 4)
+
+
 def test_posterior_noise_depends_on_the_window_not_the_batch():
     shape = (2, 4, 3, 5)
     both = posterior_noise(torch.tensor([7, 2]), 3, 0, shape, torch.device("cpu"))
