@@ -102,7 +102,8 @@ def run(args):
             copy = psnr(gt[:1].expand(L - 1, -1, -1, -1), gt[1:])
             row = {"name": seq["name"], "psnr": per_sample.mean().item(),
                    "best_of_k_psnr": per_sample.mean(1).max().item(), "ssim": ssims.mean().item(),
-                   "copy_first_psnr": copy.mean().item(), "psnr_per_frame": per_sample.mean(0).tolist()}
+                   "copy_first_psnr": copy.mean().item(), "psnr_per_frame": per_sample.mean(0).tolist(),
+                   "copy_first_per_frame": copy.tolist()}
             results["sequences"].append(row)
             curves[f"seq {seq['name']}"] = row["psnr_per_frame"]
             best = f"{row['best_of_k_psnr']:9.3f}" if K > 1 else " " * 9
@@ -111,12 +112,16 @@ def run(args):
             results[key] = float(np.mean([r[key] for r in results["sequences"]]))
         best = f"{results['best_of_k_psnr']:9.3f}" if K > 1 else " " * 9
         print(f"{'avg':>6} | {results['psnr']:7.3f} | {best} | {results['ssim']:6.4f} | {results['copy_first_psnr']:7.3f}")
-        # Drift: how much worse the end of the rollouts is than their start.
+        # Drift: how much worse the end of the rollouts is than their start. Copy-first's own
+        # decline, beside it, is how far the poses move away from the first frame's.
         n = max(1, min(100, (L - 1) // 2))
-        curve = np.mean([r["psnr_per_frame"] for r in results["sequences"]], 0)
-        results["psnr_first_frames"], results["psnr_last_frames"] = float(curve[:n].mean()), float(curve[-n:].mean())
+        for key, prefix in (("psnr_per_frame", "psnr"), ("copy_first_per_frame", "copy_first")):
+            curve = np.mean([r[key] for r in results["sequences"]], 0)
+            results[f"{prefix}_first_frames"] = float(curve[:n].mean())
+            results[f"{prefix}_last_frames"] = float(curve[-n:].mean())
         print(f"drift: mean PSNR {results['psnr_first_frames']:.3f} dB over frames 1-{n}, "
-              f"{results['psnr_last_frames']:.3f} dB over frames {L - n}-{L - 1}")
+              f"{results['psnr_last_frames']:.3f} dB over frames {L - n}-{L - 1} "
+              f"(copy-first: {results['copy_first_first_frames']:.3f}, {results['copy_first_last_frames']:.3f})")
         if K > 1:
             print("(best-of-K picks the sample closest to the truth: an oracle metric, not a prediction score)")
         save_psnr_plot(curves, os.path.join(save_root, "psnr_per_frame.png"), "Test PSNR per frame")

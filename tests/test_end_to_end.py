@@ -76,6 +76,9 @@ def test_tester_submission_gifs_and_reproducibility(run, tmp_path, capsys):
     assert len(curve) == 19
     assert res["psnr_first_frames"] == pytest.approx(curve[:9].mean())
     assert res["psnr_last_frames"] == pytest.approx(curve[-9:].mean())
+    copy = np.mean([r["copy_first_per_frame"] for r in res["sequences"]], 0)
+    assert np.mean(copy) == pytest.approx(res["copy_first_psnr"])
+    assert res["copy_first_last_frames"] == pytest.approx(copy[-9:].mean())
 
 
 def test_tester_other_seed_changes_the_samples(run, tmp_path):
