@@ -20,7 +20,7 @@ from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weig
 from modules.metrics import psnr, ssim
 from modules.options import ConfigError, check_tester, tester_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed, rollout, to_float
-from modules.visualize import save_gif, save_psnr_plot
+from modules.visualize import save_gif, save_psnr_plot, save_strip
 
 
 def write_submission(path, videos):
@@ -89,6 +89,11 @@ def run(args):
         for k, seq in enumerate(seqs):
             save_gif(videos[k], os.path.join(save_root, f"pred_seq{seq['name']}.gif"))
             save_gif(seq["labels"].float() / 255, os.path.join(save_root, f"pose_seq{seq['name']}.gif"))
+            rows = {"pose": seq["labels"].float() / 255}
+            if seq["gt"] is not None:
+                rows["truth"] = seq["gt"].float() / 255
+            rows["predicted"] = videos[k]
+            save_strip(rows, os.path.join(save_root, f"strip_seq{seq['name']}.png"))
 
     results = {"sequences": [], "generation_s": gen_s, "args": {k: v for k, v in vars(args).items()
                                                                  if isinstance(v, (int, float, str, bool, type(None)))}}
@@ -128,7 +133,7 @@ def run(args):
     with open(os.path.join(save_root, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     print(f"\nWrote {save_root}/submission.csv ({shape[0]} rows x {shape[1]} columns)"
-          + ("" if args.no_gif else " and pred_seq*.gif"), flush=True)
+          + ("" if args.no_gif else ", pred_seq*.gif and strip_seq*.png"), flush=True)
     return 0
 
 

@@ -351,9 +351,10 @@ def _train(args, d, stop):
             save_checkpoint(last, state)
             log_epoch(writer, row, val)
             vtxt = f" | val PSNR {val['psnr']:.2f} dB{' (best)' if is_best else ''}" if val else ""
+            tftxt = f"tfr {row['tfr']:.2f} | " if args.condition == "previous" else ""  # else moot
             print(f"epoch {epoch + 1}/{args.num_epoch} | loss {row['loss']:.4g} | {args.recon} "
                   f"{row.get('mse', row.get('l1')):.4g} | kl {row['kl']:.4g} | beta {row['beta']:.3g} | "
-                  f"tfr {row['tfr']:.2f} | lr {row['lr']:.2e} | {row['time_s']:.1f}s{vtxt}", flush=True)
+                  f"{tftxt}lr {row['lr']:.2e} | {row['time_s']:.1f}s{vtxt}", flush=True)
         d.barrier()
     if writer is not None:
         writer.close()

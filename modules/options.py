@@ -132,7 +132,7 @@ def tester_parser():
     p.add_argument("--num_samples", type=int, default=1,
                    help="rollouts per sequence; with ground truth also reports best-of-K (an oracle)")
     p.add_argument("--batch_size", type=int, default=8, help="rollouts generated together")
-    p.add_argument("--no_gif", action="store_true", help="skip writing GIFs")
+    p.add_argument("--no_gif", action="store_true", help="skip writing GIFs and strip PNGs")
     # Accepted so that lab command lines that pass training flags to the Tester still run.
     for name, kw in (("--lr", dict(type=float)), ("--optim", dict(type=str)), ("--num_epoch", dict(type=int)),
                      ("--per_save", dict(type=int)), ("--partial", dict(type=float)),

@@ -46,3 +46,25 @@ def save_psnr_plot(curves, path, title="PSNR per frame"):
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def save_strip(rows, path, n=8, scale=2, gap=2):
+    """A PNG of `n` evenly spaced frames (columns) of each video in `rows` ({name: (L, 3, H, W)},
+    drawn top to bottom), enlarged `scale` times, the row names on the left: a result at a glance."""
+    from PIL import Image, ImageDraw
+    L = min(v.shape[0] for v in rows.values())
+    idx = np.linspace(0, L - 1, min(n, L)).round().astype(int)
+    H, W = next(iter(rows.values())).shape[-2:]
+    h, w, margin, top = H * scale, W * scale, 70, 14
+    img = Image.new("RGB", (margin + len(idx) * (w + gap), top + len(rows) * (h + gap)), "white")
+    draw = ImageDraw.Draw(img)
+    for c, t in enumerate(idx):
+        draw.text((margin + c * (w + gap) + 2, 1), f"t={t}", fill="black")
+    for r, (name, video) in enumerate(rows.items()):
+        y = top + r * (h + gap)
+        draw.text((2, y + h // 2 - 5), name, fill="black")
+        for c, frame in enumerate(to_uint8(video[idx])):
+            tile = Image.fromarray(frame).resize((w, h), Image.Resampling.NEAREST)
+            img.paste(tile, (margin + c * (w + gap), y))
+    img.save(path)
+    return path

@@ -68,6 +68,9 @@ def test_tester_submission_gifs_and_reproducibility(run, tmp_path, capsys):
     for k in range(2):
         assert (outs[0] / f"pred_seq{seqs[k]['name']}.gif").stat().st_size > 0
         assert (outs[0] / f"pose_seq{seqs[k]['name']}.gif").stat().st_size > 0
+        from PIL import Image
+        with Image.open(outs[0] / f"strip_seq{seqs[k]['name']}.png") as strip:  # pose, truth, predicted
+            assert strip.format == "PNG" and strip.size == (70 + 8 * (128 + 2), 14 + 3 * (64 + 2))
     res = json.loads((outs[0] / "results.json").read_text())
     assert len(res["sequences"]) == 2 and res["copy_first_psnr"] > 0 and "psnr" in res
     assert "copy-first" in capsys.readouterr().out
