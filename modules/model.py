@@ -237,14 +237,14 @@ class VAE_Model(nn.Module):
         B, n = label_feat.shape[:2]
         feat = self.frame_transformation(first)
         per = max(1, chunk // B)  # frames per batch
+
+        def rep(x, k):  # (B, ...) -> (B * k, ...), sequence-major like label_feat's flattening
+            return x[:, None].expand(B, k, *x.shape[1:]).flatten(0, 1)
         out = [first.float()[:, None]]
         for lo in range(0, n, per):
             k = min(per, n - lo)
-
-            def rep(x):  # (B, ...) -> (B * k, ...), sequence-major like label_feat's flattening
-                return x[:, None].expand(B, k, *x.shape[1:]).flatten(0, 1)
-            frames = self.step(rep(first), label_feat[:, lo:lo + k].flatten(0, 1),
-                               eps[lo:lo + k].transpose(0, 1).flatten(0, 1), z_mode, prev_feat=rep(feat))
+            frames = self.step(rep(first, k), label_feat[:, lo:lo + k].flatten(0, 1),
+                               eps[lo:lo + k].transpose(0, 1).flatten(0, 1), z_mode, prev_feat=rep(feat, k))
             out.append(frames.unflatten(0, (B, k)).float())
         return torch.cat(out, 1)
 
