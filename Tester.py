@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from dataloader import DataError, TestSequences
-from modules import VAE_Model
+from modules.model import build_model
 from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args
 from modules.metrics import psnr, ssim
 from modules.options import ConfigError, check_tester, tester_parser, writable_folder
@@ -44,8 +44,7 @@ def load_model(path, args):
     for k in ("frame_H", "frame_W"):
         if margs.get(k) not in (None, getattr(args, k)):
             print(f"note: the checkpoint was trained at --{k} {margs[k]}; testing at {getattr(args, k)}")
-    model = VAE_Model(margs["F_dim"], margs["L_dim"], margs["N_dim"], margs["D_out_dim"], prior=margs["prior"],
-                      residual=bool(margs.get("residual")), condition=margs.get("condition") or "previous")
+    model = build_model(margs)
     load_model_weights(model, ckpt, path)
     return model.eval(), margs
 

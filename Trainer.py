@@ -17,7 +17,7 @@ import time
 import torch
 
 from dataloader import DataError, TrainWindows
-from modules import VAE_Model
+from modules.model import build_model
 from modules import distributed
 from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,
                                 load_model_weights, rng_state, save_checkpoint, set_rng_state)
@@ -55,11 +55,6 @@ class StopRequest:
         if self.verbose:
             print(f"\n{self.signal} received: finishing this step and writing a checkpoint "
                   "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-
-def build_model(args):
-    return VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior, residual=args.residual,
-                     condition=args.condition)
 
 
 def build_optimizer(model, args, speed):
@@ -242,7 +237,7 @@ def _train(args, d, stop):
     cache = not args.no_cache
     val_set = TrainWindows(args.DR, args.frame_H, args.frame_W, video_len=args.val_vi_len, split="val", cache=cache)
 
-    model = build_model(args)
+    model = build_model(vars(args))
     ckpt = None
     if args.ckpt_path:
         ckpt = load_checkpoint(args.ckpt_path)

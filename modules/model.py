@@ -27,6 +27,13 @@ def kl_gaussians(mu_q, logvar_q, mu_p, logvar_p):
     return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0)
 
 
+def build_model(a):
+    """The model that a dict of arguments describes: the Trainer's flags (vars(args)) or those
+    stored in a checkpoint. Options missing from older checkpoints take their defaults."""
+    return VAE_Model(a["F_dim"], a["L_dim"], a["N_dim"], a["D_out_dim"], prior=a.get("prior") or "fixed",
+                     residual=bool(a.get("residual")), condition=a.get("condition") or "previous")
+
+
 def _flat(x):
     return x.flatten(0, 1)
 

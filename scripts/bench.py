@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from modules import VAE_Model  # noqa: E402
+from modules.model import build_model  # noqa: E402
 from modules.engine import WindowBatches  # noqa: E402
 from modules.options import ConfigError, check_common, common_parser  # noqa: E402
 from modules.runtime import Speed, prepare_model, resolve_speed, rollout, to_float  # noqa: E402
@@ -160,8 +160,7 @@ def main(argv=None):
     fast = resolve_speed(args)
     fast.compile_gen = args.compile_gen
     plain = Speed(device=fast.device, amp=False, channels_last=False, compile=False, cuda_graphs=False, fast=False)
-    base = VAE_Model(args.F_dim, args.L_dim, args.N_dim, args.D_out_dim, prior=args.prior, residual=args.residual,
-                     condition=args.condition)
+    base = build_model(vars(args))
     res = {"device": torch.cuda.get_device_name(fast.device) if fast.device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
            "torch": torch.__version__, "batch_size": args.batch_size, "train_vi_len": args.train_vi_len,
            "gen_len": args.gen_len, "gen_seqs": args.gen_seqs, "teacher_forcing": args.tf,
