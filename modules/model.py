@@ -38,6 +38,21 @@ def _flat(x):
     return x.flatten(0, 1)
 
 
+def _time_major(x):
+    """(B, T, ...) -> (T*B, ...), row t*B + b."""
+    return x.transpose(0, 1).flatten(0, 1)
+
+
+def _wide(x):
+    """At least float32 (the KL of bfloat16 parameters is summed over many terms)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _cat(parts):
+    """torch.cat that does not copy a single part (it keeps the memory format either way)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class VAE_Model(nn.Module):
     """Attributes keep the lab's names, so `state_dict()` keys match checkpoints written by lab code.
     With prior="learned" one more module, `prior`, predicts p(z_t | previous frame, pose_t).
@@ -95,13 +110,13 @@ class VAE_Model(nn.Module):
             conv.weight[:, z_start:] = 0
 
     # ---- pieces -------------------------------------------------------------------------------
-    def _call(self, module, *args, grad_ckpt=False):
-        # Activation checkpointing recomputes a module in the backward pass instead of storing its
-        # intermediate tensors. Never used for label_transformation: recomputing BatchNorm in
-        # training mode would update its running statistics twice.
+    def _ckpt(self, fn, *args, grad_ckpt=False):
+        # Activation checkpointing keeps fn's inputs and outputs and recomputes its intermediate
+        # tensors in the backward pass. Never used for label_transformation: recomputing BatchNorm
+        # in training mode would update its running statistics twice.
         if grad_ckpt and torch.is_grad_enabled():
-            return checkpoint(module, *args, use_reentrant=False)
-        return module(*args)
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
 
     def encode_labels(self, labels, chunk=1024):
         """labels (M, 3, H, W) -> features (M, L, H, W); chunked so long sequences fit in memory."""
@@ -109,21 +124,37 @@ class VAE_Model(nn.Module):
             return self.label_transformation(labels)
         return torch.cat([self.label_transformation(c) for c in labels.split(chunk)])
 
-    def prior_params(self, prev_feat, label_feat, grad_ckpt=False):
+    def prior_params(self, prev_feat, label_feat):
         """(mu, logvar) of p(z_t | ...): zeros for the fixed N(0, I) prior, else the learned prior's."""
         if self.prior is None:
             shape = (prev_feat.shape[0], self.N_dim, *prev_feat.shape[2:])
             zero = prev_feat.new_zeros(shape)
             return zero, zero
-        _, mu, logvar = self._call(self.prior, prev_feat, label_feat, grad_ckpt=grad_ckpt)
+        _, mu, logvar = self.prior(prev_feat, label_feat)
         return mu, logvar
 
-    def decode(self, prev_feat, label_feat, z, prev_img, grad_ckpt=False):
+    def decode(self, prev_feat, label_feat, z, prev_img):
         """Features of the previous frame, of pose t, and z_t -> frame t (unclamped). prev_img, the
         previous frame itself, is used only by the residual option."""
-        fused = self._call(self.Decoder_Fusion, prev_feat, label_feat, z, grad_ckpt=grad_ckpt)
-        out = self._call(self.Generator, fused, grad_ckpt=grad_ckpt)
+        # z is float32 under autocast (eps is); in the concatenation it would make the fused input,
+        # and the residual stream of the first block, float32 too: a cast of 172 channels per
+        # convolution. The features' precision is the one the convolutions run in anyway.
+        fused = self.Decoder_Fusion(prev_feat, label_feat, z.to(prev_feat.dtype))
+        out = self.Generator(fused)
         return prev_img + out if self.residual else out
+
+    def _frame_terms(self, prev_feat, prev_img, feat, label_feat, eps):
+        """The training terms of predicted frames (rows): z_t ~ q(z | x_t, pose_t) from the true
+        frame's features `feat`, the frame decoded from the previous one, and KL(q || p) summed.
+        One function, so activation checkpointing can recompute a group of frames as a unit."""
+        z, mu, logvar = self.Gaussian_Predictor(feat, label_feat, eps)
+        pred = self.decode(prev_feat, label_feat, z, prev_img)
+        if self.prior is None:
+            kl = kl_standard_normal(_wide(mu), _wide(logvar))
+        else:
+            mu_p, logvar_p = self.prior_params(prev_feat, label_feat)
+            kl = kl_gaussians(_wide(mu), _wide(logvar), _wide(mu_p), _wide(logvar_p))
+        return pred, kl.sum()
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, img, label, teacher_forcing=True, eps=None, beta=1.0, recon="mse",
@@ -137,6 +168,8 @@ class VAE_Model(nn.Module):
 
         fast=True runs all teacher-forced frames as one batch of B*(T-1); fast=False is the plain
         per-frame loop (the reference in tests). Both compute the same function.
+        grad_ckpt=True (fast path) recomputes the frames in the backward pass one time step (B
+        frames) at a time, so the activations held at once are those of B frames, not B*(T-1).
         Returns dict(loss, recon, kl, pred) with pred (B, T-1, 3, H, W) unclamped.
         loss = recon + beta * kl; recon is the mean per-pixel error, kl the KL summed over the
         latent map and averaged over samples and frames.
@@ -145,55 +178,57 @@ class VAE_Model(nn.Module):
         tf = [bool(teacher_forcing)] * (T - 1) if isinstance(teacher_forcing, bool) else [bool(x) for x in teacher_forcing]
         if len(tf) != T - 1:
             raise ValueError(f"teacher_forcing needs {T - 1} entries, got {len(tf)}")
-        # Labels and the posterior see only ground truth, so they run as one batch in both paths
-        # (which also gives BatchNorm the same batch statistics in both).
-        label_feat = self.label_transformation(_flat(label[:, 1:])).unflatten(0, (B, T - 1))
-        if fast:
-            frame_feat = self._call(self.frame_transformation, _flat(img), grad_ckpt=grad_ckpt).unflatten(0, (B, T))
-        else:
-            frame_feat = torch.stack([self.frame_transformation(img[:, t]) for t in range(T)], 1)
         if eps is None:
             eps = torch.randn((B, T - 1, self.N_dim, *img.shape[-2:]), device=img.device)
-        z, mu, logvar = self._call(self.Gaussian_Predictor, _flat(frame_feat[:, 1:]), _flat(label_feat),
-                                   _flat(eps), grad_ckpt=grad_ckpt)
-        z = z.unflatten(0, (B, T - 1))  # reparameterised sample of q(z_t | x_t, pose_t)
+        # Frames are flattened time-major (row t*B + b): frames 1..T-1 and frames 0..T-2 are then
+        # contiguous row ranges, views rather than copies, and stay channels_last.
+        img_tm, eps_tm, n = _time_major(img), _time_major(eps), (T - 1) * B
+        # Labels see only ground truth, so they run as one batch in both paths (which also gives
+        # BatchNorm the same batch statistics in both).
+        label_feat = self.label_transformation(_time_major(label[:, 1:]))
+        if fast:
+            parts = [self._ckpt(self.frame_transformation, x, grad_ckpt=grad_ckpt)
+                     for x in (img_tm.split(B) if grad_ckpt else [img_tm])]
+            frame_feat = _cat(parts)
+        else:
+            frame_feat = torch.cat([self.frame_transformation(img[:, t]) for t in range(T)])
 
         anchored = self.condition == "first"  # every frame from frame 0: teacher forcing is moot
+        preds, kl = [], 0.0
         if fast and (anchored or all(tf)):
-            if anchored:
-                prev_feat = frame_feat[:, :1].expand(-1, T - 1, *frame_feat.shape[2:])
-                prev_img = img[:, :1].expand(-1, T - 1, *img.shape[2:])
-            else:
-                prev_feat, prev_img = frame_feat[:, :-1], img[:, :-1]
-            pred = self.decode(_flat(prev_feat), _flat(label_feat), _flat(z), _flat(prev_img), grad_ckpt=grad_ckpt)
-            pred = pred.unflatten(0, (B, T - 1))
-        else:
-            preds, prev_feats, out = [], [], None
-            for t in range(1, T):
+            rows = B if grad_ckpt else n  # one time step per recomputed group, or all at once
+            for lo in range(0, n, rows):
+                hi = lo + rows
                 if anchored:
-                    prev_img, prev = img[:, 0], frame_feat[:, 0]
+                    prev_feat, prev_img = _cat([frame_feat[:B]] * (rows // B)), _cat([img_tm[:B]] * (rows // B))
+                else:
+                    prev_feat, prev_img = frame_feat[lo:hi], img_tm[lo:hi]
+                pred, k = self._ckpt(self._frame_terms, prev_feat, prev_img, frame_feat[B + lo:B + hi],
+                                     label_feat[lo:hi], eps_tm[lo:hi], grad_ckpt=grad_ckpt)
+                preds.append(pred)
+                kl = kl + k
+        else:
+            out = None
+            for t in range(1, T):
+                r = slice((t - 1) * B, t * B)  # rows of frame t-1, and of pose t / eps t
+                if anchored:
+                    prev_img, prev = img_tm[:B], frame_feat[:B]
                 elif t == 1 or tf[t - 1]:
-                    prev_img = img[:, t - 1]
-                    prev = frame_feat[:, t - 1] if fast else self.frame_transformation(prev_img)
+                    prev_img = img_tm[r]
+                    prev = frame_feat[r] if fast else self.frame_transformation(prev_img)
                 else:
                     prev_img = out.clamp(0, 1)
-                    prev = self._call(self.frame_transformation, prev_img, grad_ckpt=grad_ckpt)
-                out = self.decode(prev, label_feat[:, t - 1], z[:, t - 1], prev_img, grad_ckpt=grad_ckpt)
+                    prev = self._ckpt(self.frame_transformation, prev_img, grad_ckpt=grad_ckpt)
+                out, k = self._ckpt(self._frame_terms, prev, prev_img, frame_feat[t * B:(t + 1) * B],
+                                    label_feat[r], eps_tm[r], grad_ckpt=grad_ckpt)
                 preds.append(out)
-                prev_feats.append(prev)
-            pred = torch.stack(preds, 1)
-            prev_feat = torch.stack(prev_feats, 1)
-
-        target = img[:, 1:]
+                kl = kl + k
+        pred = _cat(preds)
+        target = img_tm[B:]
         rec = F.mse_loss(pred, target) if recon == "mse" else F.l1_loss(pred, target)
-        if self.prior is None:
-            kl = kl_standard_normal(mu.float(), logvar.float())
-        else:
-            mu_p, logvar_p = self.prior_params(_flat(prev_feat), _flat(label_feat), grad_ckpt=grad_ckpt)
-            kl = kl_gaussians(mu.float(), logvar.float(), mu_p.float(), logvar_p.float())
-        kl = kl.sum() / (B * (T - 1))
-        rec = rec.float()
-        return dict(loss=rec + beta * kl, recon=rec, kl=kl, pred=pred)
+        kl = kl / (B * (T - 1))
+        rec = _wide(rec)
+        return dict(loss=rec + beta * kl, recon=rec, kl=kl, pred=pred.unflatten(0, (T - 1, B)).transpose(0, 1))
 
     # ---- generation ---------------------------------------------------------------------------
     def step(self, prev_img, label_feat, eps, z_mode="sample", prev_feat=None):

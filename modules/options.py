@@ -96,7 +96,9 @@ def trainer_parser():
                         "(flags given here override them)")
     g.add_argument("--overwrite", action="store_true", help="allow writing into a save_root that has checkpoints")
     g.add_argument("--grad_ckpt", action="store_true",
-                   help="activation checkpointing: recompute module internals in backward (less memory)")
+                   help="activation checkpointing: keep only each time step's inputs and recompute its "
+                        "frames in the backward pass, one time step at a time (about 10x less "
+                        "activation memory for about a third more compute)")
     g.add_argument("--log_every", type=int, default=20, help="steps between progress-bar and log updates")
     g.add_argument("--max_nan_steps", type=int, default=5,
                    help="stop after this many consecutive non-finite losses (each one is skipped)")

@@ -47,6 +47,32 @@ def resolve_speed(args):
     )
 
 
+def peak_memory_growth(fn, device):
+    """Bytes: the most memory allocated at once while fn() runs, above what was allocated when it
+    started. CUDA: the caching allocator's peak statistic. CPU: the profiler's record of every
+    allocation (its running total counts from the start of profiling; frees of older blocks are
+    not in it, so this is an upper bound when fn frees memory it did not allocate)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - start
+    import json
+    import os
+    import tempfile
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    return max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
+
+
 def prepare_model(model, speed):
     model.to(speed.device)
     if speed.channels_last:

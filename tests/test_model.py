@@ -6,7 +6,7 @@ from torch.distributions import Normal, kl_divergence
 from modules import VAE_Model
 from modules.model import kl_gaussians, kl_standard_normal
 from modules.modules import reparameterize
-from modules.runtime import Speed, rollout
+from modules.runtime import Speed, peak_memory_growth, rollout
 
 from helpers import jitter
 
@@ -136,9 +136,7 @@ def test_fast_path_matches_plain(tf, prior, residual, condition, dtype):
     rtol = 1e-5 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(a["loss"], b["loss"], rtol=rtol, atol=0)
     torch.testing.assert_close(a["pred"], b["pred"], rtol=rtol, atol=rtol / 10)
-    assert ga.keys() == gb.keys() and len(ga) == len(list(model.parameters()))
-    for k in ga:
-        assert _rel_err(ga[k], gb[k]) < rtol, k
+    _assert_grads_close(ga, gb, rtol, model)
 
 
 def _rel_err(a, b):
@@ -146,16 +144,37 @@ def _rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-12)).item()
 
 
-def test_activation_checkpointing_same_function():
+def _assert_grads_close(ga, gb, rtol, model):
+    assert ga.keys() == gb.keys() and len(ga) == len(list(model.parameters()))
+    for k in ga:
+        if k == "label_transformation.1.bias":
+            # The bias of the convolution just before BatchNorm has an exact gradient of 0 (the
+            # normalisation removes it); what is computed is rounding noise (1e-8 to 1e-6 here).
+            assert ga[k].norm() < 1e-4 and gb[k].norm() < 1e-4
+        else:
+            assert _rel_err(ga[k], gb[k]) < rtol, k
+
+
+@pytest.mark.parametrize("prior,condition", [("fixed", "previous"), ("learned", "first")])
+def test_activation_checkpointing_same_function(prior, condition):
+    """grad_ckpt recomputes one time step at a time: same loss and gradients, and the peak memory
+    of a training pass falls with the number of time steps (7 here; measured ratio 0.18).
+    float64: the gradients are summed per time step instead of over all frames at once, which in
+    float32 alone moves some of them by up to 2e-5 relative (measured)."""
+    dtype = torch.float64
     torch.manual_seed(0)
-    model = jitter(VAE_Model(*TINY))
-    img, lab = torch.rand(2, 4, 3, 32, 64), torch.rand(2, 4, 3, 32, 64)
-    eps = torch.randn(2, 3, 4, 32, 64)
+    model = jitter(VAE_Model(*TINY, prior=prior, condition=condition)).to(dtype)
+    img, lab = torch.rand(2, 8, 3, 32, 64, dtype=dtype), torch.rand(2, 8, 3, 32, 64, dtype=dtype)
+    eps = torch.randn(2, 7, TINY[2], 32, 64, dtype=dtype)
     a, ga = _loss_and_grads(model, img, lab, True, eps, fast=True, grad_ckpt=True)
     b, gb = _loss_and_grads(model, img, lab, True, eps, fast=True)
-    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-6, atol=0)
-    for k in ga:
-        assert _rel_err(ga[k], gb[k]) < 1e-6, k
+    rtol = 1e-10
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=rtol, atol=0)
+    torch.testing.assert_close(a["pred"], b["pred"], rtol=rtol, atol=rtol / 10)
+    _assert_grads_close(ga, gb, rtol, model)
+    peak = [peak_memory_growth(lambda: _loss_and_grads(model, img, lab, True, eps, fast=True, grad_ckpt=c),
+                               torch.device("cpu")) for c in (False, True)]
+    assert peak[1] < 0.3 * peak[0], peak
 
 
 @pytest.mark.parametrize("z_mode,condition", [("sample", "previous"), ("zero", "previous"),
