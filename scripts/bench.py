@@ -7,25 +7,31 @@ one process on the same machine, for the same model and batch.
 Training frames/s counts predicted frames (batch x (train_vi_len - 1)) per second of
 optimizer steps on random data (speed does not depend on content). Generation frames/s counts
 generated frames of full autoregressive rollouts (z from the prior). The plain path is the lab's
-way: a per-frame loop, float32, one sequence at a time, a host sync per step.
+way: a per-frame loop, float32, one sequence at a time, a host sync per step. Activation
+memory is the peak of one forward + backward pass above what was allocated before it, per
+sample-frame (CUDA: the allocator's statistics; CPU: the profiler's allocation record).
+With --rounds N both paths are measured N times, alternating, and each figure is the median.
 """
 import argparse
 import copy
 import json
 import os
 import resource
+import statistics
 import sys
 import time
 from types import SimpleNamespace
 
-import torch
+# The CPU memory measure runs the profiler; its log lines (read when torch loads) are noise here.
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.model import build_model  # noqa: E402
 from modules.engine import WindowBatches  # noqa: E402
 from modules.options import ConfigError, check_common, common_parser  # noqa: E402
-from modules.runtime import Speed, prepare_model, resolve_speed, rollout, to_float  # noqa: E402
+from modules.runtime import Speed, peak_memory_growth, prepare_model, resolve_speed, rollout, to_float  # noqa: E402
 
 
 def get_parser():
@@ -43,6 +49,8 @@ def get_parser():
     p.add_argument("--tf", choices=("on", "off"), default="on",
                    help="teacher forcing during the timed steps (off: the per-frame loop on both paths)")
     p.add_argument("--skip_eager", action="store_true", help="measure the fast path only")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="repeat plain-then-fast this many times and report each figure's median")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
 
@@ -59,7 +67,9 @@ def peak_mb(device):
 
 
 def time_training(model, speed, args, eager):
-    """Frames/s of full optimizer steps, and activation memory per sample-frame (CUDA)."""
+    """Frames/s of full optimizer steps, and activation memory per sample-frame: the peak memory of
+    one forward + backward pass above what was allocated before it (parameter gradients included,
+    6 MB at the lab's dims), over batch x train_vi_len."""
     B, T, H, W = args.batch_size, args.train_vi_len, args.frame_H, args.frame_W
     g = torch.Generator().manual_seed(0)
     img = torch.randint(0, 256, (B, T, 3, H, W), dtype=torch.uint8, generator=g)
@@ -70,9 +80,12 @@ def time_training(model, speed, args, eager):
     train_model = torch.compile(model) if speed.compile else model
     tf = args.tf == "on"
 
-    def step():
+    def forward():
         with speed.autocast():
-            out = train_model(img, lab, tf, fast=speed.fast, grad_ckpt=args.grad_ckpt and not eager)
+            return train_model(img, lab, tf, fast=speed.fast, grad_ckpt=args.grad_ckpt and not eager)
+
+    def step():
+        out = forward()
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -89,14 +102,14 @@ def time_training(model, speed, args, eager):
     warm_s = time.perf_counter() - t0
     if speed.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(speed.device)
-    static = torch.cuda.memory_allocated(speed.device) / 2**20 if speed.device.type == "cuda" else 0.0
     t0 = time.perf_counter()
     for _ in range(args.steps):
         step()
     sync(speed.device)
     dt = time.perf_counter() - t0
     peak = peak_mb(speed.device)
-    act = (peak - static) / (B * T) if speed.device.type == "cuda" else None
+    opt.zero_grad(set_to_none=True)
+    act = peak_memory_growth(lambda: forward()["loss"].backward(), speed.device) / 2**20 / (B * T)
     return B * (T - 1) * args.steps / dt, peak, act, warm_s
 
 
@@ -149,10 +162,59 @@ def flops_per_frame(model, speed, args):
     return counter.get_total_flops() / (B * (T - 1))
 
 
+def matmul_tflops(device, dtype, n=4096, reps=3):
+    """TFLOP/s of an n x n matmul: the roofline's compute ceiling as this device reaches it."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e12
+
+
+def measure(base, plain, fast, args, log):
+    """One round: the plain path, then the fast path, on fresh copies of the model."""
+    res = {}
+    if not args.skip_eager:
+        m = prepare_model(copy.deepcopy(base), plain)
+        (res["eager_train_frames_per_s"], res["eager_peak_mem_mb"], res["eager_act_mem_mb_per_sample_frame"],
+         _) = time_training(m, plain, args, eager=True)
+        log(f"eager train: {res['eager_train_frames_per_s']:.1f} frames/s, "
+            f"activations {res['eager_act_mem_mb_per_sample_frame']:.2f} MB per sample-frame")
+        res["eager_gen_frames_per_s"], _ = time_generation(m, plain, args, 1, plain=True)
+        log(f"eager generation (1 sequence): {res['eager_gen_frames_per_s']:.1f} frames/s")
+        del m
+    if fast.device.type == "cuda":
+        torch.cuda.empty_cache()
+    m = prepare_model(copy.deepcopy(base), fast)
+    tfps, peak, act, warm_s = time_training(m, fast, args, eager=False)
+    res.update(train_frames_per_s=tfps, peak_mem_mb=peak, act_mem_mb_per_sample_frame=act, warmup_s=warm_s)
+    log(f"fast train: {tfps:.1f} frames/s, peak memory {peak:.0f} MB, activations {act:.2f} MB per sample-frame"
+        f" (warm-up {warm_s:.1f}s)")
+    res["gen_1seq_frames_per_s"], res["gen_warmup_s"] = time_generation(m, fast, args, 1, plain=False)
+    res["gen_frames_per_s"], _ = time_generation(m, fast, args, args.gen_seqs, plain=False)
+    res["gen_batch_seconds"] = args.gen_seqs * (args.gen_len - 1) / res["gen_frames_per_s"]
+    log(f"fast generation: {res['gen_1seq_frames_per_s']:.1f} frames/s (1 sequence), "
+        f"{res['gen_frames_per_s']:.1f} frames/s ({args.gen_seqs} sequences: {res['gen_batch_seconds']:.3f} s); "
+        f"first rollout (warm-up) {res['gen_warmup_s']:.1f} s")
+    res["data_batches_per_s"], res["data_over_train"] = time_data(args, fast, tfps / (args.batch_size * (args.train_vi_len - 1)))
+    log(f"data path: {res['data_batches_per_s']:.0f} batches/s, {res['data_over_train']:.0f}x the training step rate")
+    if "eager_train_frames_per_s" in res:
+        res["train_speedup"] = tfps / res["eager_train_frames_per_s"]
+        res["gen_speedup"] = res["gen_frames_per_s"] / res["eager_gen_frames_per_s"]
+        log(f"speed-up: training {res['train_speedup']:.2f}x, generation {res['gen_speedup']:.2f}x")
+    return res
+
+
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
         check_common(args)
+        for k in ("steps", "rounds", "gen_len", "gen_seqs"):
+            if getattr(args, k) < (2 if k == "gen_len" else 1):
+                raise ConfigError(f"--{k} must be at least {2 if k == 'gen_len' else 1}, got {getattr(args, k)}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -172,36 +234,29 @@ def main(argv=None):
         if not args.json:
             print(msg, flush=True)
 
-    if not args.skip_eager:
-        m = prepare_model(copy.deepcopy(base), plain)
-        res["eager_train_frames_per_s"], res["eager_peak_mem_mb"], _, _ = time_training(m, plain, args, eager=True)
-        log(f"eager train: {res['eager_train_frames_per_s']:.1f} frames/s")
-        res["eager_gen_frames_per_s"], _ = time_generation(m, plain, args, 1, plain=True)
-        log(f"eager generation (1 sequence): {res['eager_gen_frames_per_s']:.1f} frames/s")
-        del m
-    if fast.device.type == "cuda":
-        torch.cuda.empty_cache()
-    m = prepare_model(copy.deepcopy(base), fast)
-    tfps, peak, act, warm_s = time_training(m, fast, args, eager=False)
-    res.update(train_frames_per_s=tfps, peak_mem_mb=peak, act_mem_mb_per_sample_frame=act, warmup_s=warm_s)
-    log(f"fast train: {tfps:.1f} frames/s, peak memory {peak:.0f} MB"
-        + (f", activations {act:.2f} MB per sample-frame" if act is not None else "") + f" (warm-up {warm_s:.1f}s)")
-    res["gen_1seq_frames_per_s"], res["gen_warmup_s"] = time_generation(m, fast, args, 1, plain=False)
-    res["gen_frames_per_s"], _ = time_generation(m, fast, args, args.gen_seqs, plain=False)
-    res["gen_batch_seconds"] = args.gen_seqs * (args.gen_len - 1) / res["gen_frames_per_s"]
-    log(f"fast generation: {res['gen_1seq_frames_per_s']:.1f} frames/s (1 sequence), "
-        f"{res['gen_frames_per_s']:.1f} frames/s ({args.gen_seqs} sequences: {res['gen_batch_seconds']:.3f} s); "
-        f"first rollout (warm-up) {res['gen_warmup_s']:.1f} s")
-    res["data_batches_per_s"], res["data_over_train"] = time_data(args, fast, tfps / (args.batch_size * (args.train_vi_len - 1)))
-    log(f"data path: {res['data_batches_per_s']:.0f} batches/s, {res['data_over_train']:.0f}x the training step rate")
+    rounds = []
+    for r in range(args.rounds):
+        if args.rounds > 1:
+            log(f"-- round {r + 1} of {args.rounds}")
+        rounds.append(measure(base, plain, fast, args, log))
+    # Each figure is the median over rounds: the paths alternate, so a slow spell of the machine
+    # touches both instead of one.
+    for k in rounds[0]:
+        res[k] = statistics.median(x[k] for x in rounds)
+    if args.rounds > 1:
+        for k in ("train_speedup", "gen_speedup"):
+            if k in rounds[0]:
+                res[k + "_rounds"] = [x[k] for x in rounds]
     fpf = flops_per_frame(base.to(fast.device), fast, args)
     res["gflop_per_train_frame"] = fpf / 1e9
-    res["train_tflops"] = fpf * tfps / 1e12
-    log(f"{fpf / 1e9:.2f} GFLOP per training frame (fwd+bwd) -> {res['train_tflops']:.2f} TFLOP/s achieved")
-    if "eager_train_frames_per_s" in res:
-        res["train_speedup"] = tfps / res["eager_train_frames_per_s"]
-        res["gen_speedup"] = res["gen_frames_per_s"] / res["eager_gen_frames_per_s"]
-        log(f"speed-up: training {res['train_speedup']:.2f}x, generation {res['gen_speedup']:.2f}x")
+    res["train_tflops"] = fpf * res["train_frames_per_s"] / 1e12
+    dtype = torch.bfloat16 if fast.amp else torch.float32
+    res["matmul_peak_tflops"] = matmul_tflops(fast.device, dtype)
+    log(f"{fpf / 1e9:.2f} GFLOP per training frame (fwd+bwd) -> {res['train_tflops']:.2f} TFLOP/s achieved, "
+        f"{100 * res['train_tflops'] / res['matmul_peak_tflops']:.0f}% of a large {str(dtype)[6:]} matmul on this "
+        f"device ({res['matmul_peak_tflops']:.2f} TFLOP/s)")
+    if args.rounds > 1:
+        log("median of rounds: " + ", ".join(f"{k} {res[k]:.2f}" for k in rounds[0]))
     if args.json:
         print(json.dumps(res))
     return 0

@@ -127,11 +127,15 @@ def test_trainer_test_flag_validates_only(run, capsys):
 def test_bench_json(capsys):
     from scripts import bench
     assert bench.main(["--device", "cpu", *TINY[:8], "--steps", "1", "--warmup", "1", "--gen_len", "4",
-                       "--gen_seqs", "2", "--json"]) == 0
+                       "--gen_seqs", "2", "--rounds", "2", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("device", "train_frames_per_s", "gen_frames_per_s", "eager_train_frames_per_s",
-                "eager_gen_frames_per_s", "peak_mem_mb"):
+                "eager_gen_frames_per_s", "peak_mem_mb", "act_mem_mb_per_sample_frame",
+                "eager_act_mem_mb_per_sample_frame", "matmul_peak_tflops"):
         assert key in res and (key == "device" or res[key] > 0), key
+    assert len(res["train_speedup_rounds"]) == 2 and len(res["gen_speedup_rounds"]) == 2
+    assert bench.main(["--device", "cpu", "--rounds", "0"]) == 2
+    assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
 def test_default_dataset_made_on_first_use_and_after_an_interrupted_generation(tmp_path, monkeypatch):
