@@ -21,7 +21,8 @@ from modules.model import build_model
 from modules import distributed
 from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,
                                 load_model_weights, rng_state, save_checkpoint, set_rng_state)
-from modules.engine import TrainingDiverged, WindowBatches, epoch_settings, train_one_epoch, validate
+from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, train_one_epoch,
+                            validate)
 from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed
 from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side
@@ -311,13 +312,26 @@ def _train(args, d, stop):
                     f"(python Trainer.py --resume {args.save_root} --lr ...)" if os.path.isfile(last)
                     else "no checkpoint had been written yet")
             raise TrainingDiverged(f"{e}; {kept}") from None
+        except OutOfMemory as e:  # several processes: nothing saved from this epoch
+            kept = (f"the last checkpoint, {last}, is intact: resume it with --grad_ckpt or a smaller --batch_size"
+                    if os.path.isfile(last) else "no checkpoint had been written yet")
+            raise OutOfMemory(f"{e}; {kept}") from None
         progress = None
         nan_skipped, nan_run = prog["nan_skipped"], prog["nan_run"]
         if not finished:
+            oom = prog.pop("oom", None)
             if d.is_main:
                 save_checkpoint(last, make_state(model, optimizer, args, epoch, prog, best_psnr, nan_skipped))
-                print(f"Stopped at epoch {epoch + 1}, step {prog['step']}; checkpoint {last}.\n"
-                      f"Resume with: python Trainer.py --resume {args.save_root}", flush=True)
+                if oom is None:
+                    print(f"Stopped at epoch {epoch + 1}, step {prog['step']}; checkpoint {last}.\n"
+                          f"Resume with: python Trainer.py --resume {args.save_root}", flush=True)
+            if oom is not None:
+                less = (f"--resume {args.save_root} --grad_ckpt (about 10x less activation memory) or a smaller "
+                        "--batch_size" if not args.grad_ckpt else
+                        f"--resume {args.save_root} --batch_size {max(1, args.batch_size // 2)}")
+                raise OutOfMemory(f"out of memory at epoch {epoch + 1}, step {prog['step']} (batch "
+                                  f"{args.batch_size} x {args.train_vi_len} frames on {speed.device}); the position "
+                                  f"is saved in {last}. Continue with less memory: python Trainer.py {less}. ({oom})")
             return 130 if stop.signal == "SIGINT" else 143
         row = {"epoch": epoch + 1, **row, "time_s": round(time.time() - t0, 2)}
         val = None
@@ -365,7 +379,7 @@ def main(argv=None):
         adopt_run_args(args, argv)
         check_trainer(args)
         return run(args)
-    except (ConfigError, DataError, CheckpointError, TrainingDiverged) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingDiverged, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk filled up, or a folder vanished or turned read-only mid-run

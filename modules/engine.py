@@ -15,6 +15,16 @@ class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses."""
 
 
+class OutOfMemory(RuntimeError):
+    """A training step ran out of device memory in a run of several processes (one process
+    instead stops like an interrupted run, with its position saved)."""
+
+
+def is_out_of_memory(e):
+    # CUDA raises torch.OutOfMemoryError; the CPU allocator a plain RuntimeError.
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
+
+
 class WindowBatches:
     """Batches of training windows gathered by index from uint8 tensors (on the GPU when they
     fit), so a step costs one gather and a float conversion, never a decode.
@@ -111,8 +121,9 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
     that --max_nan_steps counts across epochs shorter than it.
 
     resume: the progress dict of an interrupted epoch ({"step", "windows", "sums", ...}) to
-    continue from. Stops early (finished=False) when should_stop() turns true; the progress dict
-    then holds what a checkpoint needs to continue. Metrics are averaged over the epoch's windows,
+    continue from. Stops early (finished=False) when should_stop() turns true, or when a step runs
+    out of memory (then progress["oom"] holds the error); the progress dict then holds what a
+    checkpoint needs to continue, from the step that did not complete. Metrics are averaged over the epoch's windows,
     over all ranks when `all_reduce` (an all-reduce sum) is given."""
     beta, tfr, fraction = epoch_settings(epoch, args)
     coins = TeacherForcingCoins(args.seed, epoch, tfr, args.tf_mode)
@@ -123,7 +134,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
     # sums = (loss, recon, kl) weighted by windows, and the window count: averages that do not
     # depend on the batch size or the world size, so an interrupted epoch resumes in either mode
     # (from the step that holds its next window; with another global batch a few windows rerun).
-    start, sums = 0, torch.zeros(4, device=speed.device)
+    start, sums, oom = 0, torch.zeros(4, device=speed.device), None
     if resume:
         if "windows" in resume:
             start = resume["windows"] // global_batch
@@ -150,12 +161,26 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
         img, label = batches.gather(plan[step], epoch)
         img, label = to_float(img, speed), to_float(label, speed)
         eps = posterior_noise(plan[step], epoch, args.seed, (T - 1, args.N_dim, *img.shape[-2:]), speed.device)
-        with speed.autocast():
-            out = train_model(img, label, tf, eps=eps, beta=beta, recon=args.recon, fast=speed.fast,
-                              grad_ckpt=args.grad_ckpt)
-        loss = out["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        try:
+            with speed.autocast():
+                out = train_model(img, label, tf, eps=eps, beta=beta, recon=args.recon, fast=speed.fast,
+                                  grad_ckpt=args.grad_ckpt)
+            loss = out["loss"]
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            # Nothing of this step reached the weights or the optimizer: stop before it, so the
+            # position can be saved and the step redone with less memory.
+            out = loss = None
+            optimizer.zero_grad(set_to_none=True)
+            if speed.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if all_reduce is not None:  # the other ranks wait in this step's collectives
+                raise OutOfMemory(f"out of memory at epoch {epoch + 1}, step {step}: {e}") from None
+            oom = str(e).split("\n")[0]
+            break
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         # A non-finite loss or gradient skips the update. This is the one host sync per step.
         bad = ~(torch.isfinite(loss.detach()) & torch.isfinite(norm))
@@ -195,6 +220,8 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
         total = all_reduce(total)
     progress = {"step": step, "windows": step * global_batch, "sums": total.detach().cpu(),
                 "nan_skipped": nan_total, "nan_run": nan_run}
+    if oom is not None:
+        progress["oom"] = oom
     n = total[3].item()
     nan = float("nan")  # an epoch whose every step was skipped has no average, not a loss of 0
     metrics = {"loss": total[0].item() / n if n else nan,

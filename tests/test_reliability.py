@@ -272,6 +272,38 @@ def test_a_real_divergence_stops_with_a_message(dr, tmp_path, capsys):
     assert "2 consecutive non-finite losses at epoch 1" in line and "no checkpoint had been written yet" in line
 
 
+# ----------------------------------------------------------------------------- out of memory
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory")])
+def test_out_of_memory_saves_the_position_and_names_the_fix(baseline, dr, tmp_path, monkeypatch, capsys, error):
+    """A step that runs out of memory (CUDA's error, or the CPU allocator's) stops the run with one
+    line naming --grad_ckpt and the resume command; the position before that step is saved, and
+    the resumed run matches the uninterrupted one exactly."""
+    forward, calls = VAE_Model.forward, []
+
+    def hungry(self, *a, **kw):
+        calls.append(1)
+        if len(calls) == 9:  # epoch 2, step 2 (6 steps an epoch)
+            raise error
+        return forward(self, *a, **kw)
+
+    monkeypatch.setattr(VAE_Model, "forward", hungry)
+    run = str(tmp_path / "run")
+    assert Trainer.main(["--DR", dr, *RUN, "--save_root", run]) == 2
+    line = error_line(capsys.readouterr().err)
+    last = os.path.join(run, "last.ckpt")
+    assert "out of memory at epoch 2, step 2 (batch 2 x 4 frames on cpu)" in line
+    assert f"the position is saved in {last}" in line
+    assert f"python Trainer.py --resume {run} --grad_ckpt" in line and str(error).split(".")[0] in line
+    ckpt = load_checkpoint(last)
+    assert ckpt["epoch"] == 1 and ckpt["progress"]["step"] == 2 and "oom" not in ckpt["progress"]
+    monkeypatch.setattr(VAE_Model, "forward", forward)
+    assert Trainer.main(["--resume", run]) == 0
+    assert rows(run) == rows(baseline)
+
+
 # ----------------------------------------------------------------------------- disk, folders
 
 @pytest.mark.parametrize("fault", ["disk full mid-write", "folder turned read-only"])
