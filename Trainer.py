@@ -215,11 +215,18 @@ def log_epoch(writer, row, val):
 def run(args):
     d = distributed.setup(args)
     stop = StopRequest(verbose=d.is_main)
+    leave_group = True
     try:
         return _train(args, d, stop)
+    except OutOfMemory:
+        # Under torchrun only this rank failed: the others wait in a collective it will never
+        # join, so it exits without the group's goodbye (torchrun then stops them).
+        leave_group = False
+        raise
     finally:
         stop.uninstall()
-        distributed.cleanup(d)
+        if leave_group:
+            distributed.cleanup(d)
 
 
 def _train(args, d, stop):
@@ -314,7 +321,8 @@ def _train(args, d, stop):
             raise TrainingDiverged(f"{e}; {kept}") from None
         except OutOfMemory as e:  # several processes: nothing saved from this epoch
             kept = (f"the last checkpoint, {last}, is intact: resume it with --grad_ckpt or a smaller --batch_size"
-                    if os.path.isfile(last) else "no checkpoint had been written yet")
+                    if os.path.isfile(last) else
+                    "no checkpoint had been written yet: start again with --grad_ckpt or a smaller --batch_size")
             raise OutOfMemory(f"{e}; {kept}") from None
         progress = None
         nan_skipped, nan_run = prog["nan_skipped"], prog["nan_run"]
@@ -386,6 +394,12 @@ def main(argv=None):
         print(f"error: {e.filename or args.save_root}: {e.strerror or e}; free space or choose another "
               "--save_root (checkpoints already written are intact)", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not distributed.lost_peer(e):
+            raise
+        print(f"error: another process of this torchrun job stopped ({str(e).splitlines()[0][:160]}); its "
+              "own error line says why. Checkpoints already written are intact", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
         last = os.path.join(args.save_root or "", "last.ckpt")
         where = (f"resume from the last checkpoint with: python Trainer.py --resume {args.save_root}"

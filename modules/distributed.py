@@ -71,3 +71,12 @@ def setup(args):
 def cleanup(d):
     if d.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def lost_peer(e):
+    """Whether exception e says another process of the torchrun job is gone (it crashed or stopped
+    with its own message), as opposed to a failure of this process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    kinds = tuple(k for k in (getattr(dist, "DistBackendError", None), getattr(dist, "DistNetworkError", None)) if k)
+    return isinstance(e, kinds) or any(s in str(e) for s in ("closed by peer", "reset by peer"))

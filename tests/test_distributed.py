@@ -3,6 +3,7 @@ batch, its checkpoint in the Tester and in a single-process resume, a SIGTERM un
 the pieces that make the two runs comparable (shards, per-window noise, resumable progress)."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +146,37 @@ def test_sigterm_under_torchrun_stops_all_ranks_with_a_checkpoint(tiny_dance, tm
     assert 1 <= ckpt["epoch"] < 50
     if ckpt["progress"] is not None:
         assert ckpt["progress"]["windows"] == 2 * ckpt["progress"]["step"]
+
+
+@needs_gloo
+def test_out_of_memory_on_one_rank_stops_the_job_with_one_line_per_rank(tiny_dance, tmp_path):
+    """Rank 1 runs out of memory at its third step: it says so and names the fix, rank 0 (left
+    waiting in the step's all-reduce) says another process stopped; neither prints a traceback."""
+    wrapper = tmp_path / "hungry_trainer.py"
+    wrapper.write_text(f"""import os, sys
+sys.path.insert(0, {ROOT!r})
+import torch
+import Trainer
+from modules.model import VAE_Model
+forward, calls = VAE_Model.forward, []
+def hungry(self, *a, **kw):
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    return forward(self, *a, **kw)
+VAE_Model.forward = hungry
+sys.exit(Trainer.main(sys.argv[1:]))
+""")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(wrapper),
+           "--DR", str(tiny_dance), *TINY, "--num_epoch", "2", "--batch_size", "1", "--save_root", str(tmp_path / "run")]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [line[line.index("error: "):] for line in proc.stderr.splitlines() if "error: " in line]
+    assert len(errors) == 2, proc.stderr[-3000:]
+    oom = [e for e in errors if "out of memory" in e]
+    assert len(oom) == 1 and "step 2" in oom[0] and "--grad_ckpt" in oom[0]
+    assert any("another process of this torchrun job stopped" in e for e in errors)
+    assert not re.search(r"\[rank\d\]: Traceback", proc.stderr)  # torchrun's own report aside
 
 
 # ----------------------------------------------------------------------------- pieces
