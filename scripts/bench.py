@@ -43,6 +43,10 @@ def get_parser():
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotuning)")
     p.add_argument("--gen_len", type=int, default=630, help="frames per generated sequence")
     p.add_argument("--gen_seqs", type=int, default=5, help="sequences generated together on the fast path")
+    p.add_argument("--compile_mode", default="default",
+                   choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
+                   help="torch.compile mode of the training pass when --compile is on (max-autotune tries "
+                        "generated convolutions with fused epilogues; its warm-up takes minutes)")
     p.add_argument("--compile_gen", action="store_true",
                    help="torch.compile the generation step of the fast path (then captured as usual)")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing on the fast path")
@@ -77,7 +81,7 @@ def time_training(model, speed, args, eager):
     img, lab = to_float(img, speed), to_float(lab, speed)
     fused = speed.device.type == "cuda" and not eager
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
-    train_model = torch.compile(model) if speed.compile else model
+    train_model = torch.compile(model, mode=args.compile_mode) if speed.compile and not eager else model
     tf = args.tf == "on"
 
     def forward():
@@ -228,7 +232,8 @@ def main(argv=None):
            "gen_len": args.gen_len, "gen_seqs": args.gen_seqs, "teacher_forcing": args.tf,
            "dims": [args.F_dim, args.L_dim, args.N_dim, args.D_out_dim],
            "fast": {"amp": fast.amp, "channels_last": fast.channels_last, "compile": fast.compile,
-                    "cuda_graphs": fast.cuda_graphs, "compile_gen": fast.compile_gen, "grad_ckpt": args.grad_ckpt}}
+                    "compile_mode": args.compile_mode if fast.compile else None, "cuda_graphs": fast.cuda_graphs,
+                    "compile_gen": fast.compile_gen, "grad_ckpt": args.grad_ckpt}}
 
     def log(msg):
         if not args.json:
