@@ -122,9 +122,10 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
 
     resume: the progress dict of an interrupted epoch ({"step", "windows", "sums", ...}) to
     continue from. Stops early (finished=False) when should_stop() turns true, or when a step runs
-    out of memory (then progress["oom"] holds the error); the progress dict then holds what a
-    checkpoint needs to continue, from the step that did not complete. Metrics are averaged over the epoch's windows,
-    over all ranks when `all_reduce` (an all-reduce sum) is given."""
+    out of memory in a single process (then progress["oom"] holds the error); the progress dict
+    then holds what a checkpoint needs to continue from the step that did not run. Metrics are
+    averaged over the epoch's windows, over all ranks when `all_reduce` (an all-reduce sum) is
+    given."""
     beta, tfr, fraction = epoch_settings(epoch, args)
     coins = TeacherForcingCoins(args.seed, epoch, tfr, args.tf_mode)
     plan = batches.epoch(epoch, fraction)
