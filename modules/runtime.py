@@ -16,6 +16,7 @@ class Speed:
     cuda_graphs: bool    # capture the generation step
     fast: bool           # batch the teacher-forced frames of a sequence
     compile_gen: bool = False  # torch.compile the generation step (before any graph capture)
+    compile_mode: str = "default"  # torch.compile's mode wherever compile is on
 
     def autocast(self, cache_enabled=True):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
@@ -96,7 +97,7 @@ def make_step_fn(model, speed, z_mode, example):
     instead of one per kernel. Otherwise the eager step under the chosen precision.
     With speed.compile_gen the step is compiled first (fused element-wise kernels, so fewer
     kernels per frame); the compiled step is captured like the eager one."""
-    step = torch.compile(model.step, dynamic=False) if speed.compile_gen else model.step
+    step = torch.compile(model.step, dynamic=False, mode=speed.compile_mode) if speed.compile_gen else model.step
     if not speed.cuda_graphs:
         def eager(prev, label_feat, eps):
             with speed.autocast():

@@ -45,8 +45,9 @@ def get_parser():
     p.add_argument("--gen_seqs", type=int, default=5, help="sequences generated together on the fast path")
     p.add_argument("--compile_mode", default="default",
                    choices=("default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"),
-                   help="torch.compile mode of the training pass when --compile is on (max-autotune tries "
-                        "generated convolutions with fused epilogues; its warm-up takes minutes)")
+                   help="torch.compile mode of the training pass (with --compile on) and of the generation "
+                        "step (with --compile_gen); max-autotune tries generated convolutions with fused "
+                        "epilogues, and its warm-up takes minutes")
     p.add_argument("--compile_gen", action="store_true",
                    help="torch.compile the generation step of the fast path (then captured as usual)")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing on the fast path")
@@ -81,7 +82,7 @@ def time_training(model, speed, args, eager):
     img, lab = to_float(img, speed), to_float(lab, speed)
     fused = speed.device.type == "cuda" and not eager
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, fused=fused or None)
-    train_model = torch.compile(model, mode=args.compile_mode) if speed.compile and not eager else model
+    train_model = torch.compile(model, mode=speed.compile_mode) if speed.compile else model
     tf = args.tf == "on"
 
     def forward():
@@ -216,6 +217,10 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
         check_common(args)
+        if (args.compile_gen and args.compile_mode in ("reduce-overhead", "max-autotune")
+                and args.device.startswith("cuda") and args.cuda_graphs != "off" and not args.plain):
+            raise ConfigError(f"--compile_mode {args.compile_mode} captures CUDA graphs itself, and the generation "
+                              "step is captured already: use default or max-autotune-no-cudagraphs with --compile_gen")
         for k in ("steps", "rounds", "gen_len", "gen_seqs"):
             if getattr(args, k) < (2 if k == "gen_len" else 1):
                 raise ConfigError(f"--{k} must be at least {2 if k == 'gen_len' else 1}, got {getattr(args, k)}")
@@ -224,7 +229,7 @@ def main(argv=None):
         return 2
     torch.manual_seed(args.seed)
     fast = resolve_speed(args)
-    fast.compile_gen = args.compile_gen
+    fast.compile_gen, fast.compile_mode = args.compile_gen, args.compile_mode
     plain = Speed(device=fast.device, amp=False, channels_last=False, compile=False, cuda_graphs=False, fast=False)
     base = build_model(vars(args))
     res = {"device": torch.cuda.get_device_name(fast.device) if fast.device.type == "cuda" else f"cpu ({os.cpu_count()} cores, {torch.get_num_threads()} threads)",
@@ -232,7 +237,7 @@ def main(argv=None):
            "gen_len": args.gen_len, "gen_seqs": args.gen_seqs, "teacher_forcing": args.tf,
            "dims": [args.F_dim, args.L_dim, args.N_dim, args.D_out_dim],
            "fast": {"amp": fast.amp, "channels_last": fast.channels_last, "compile": fast.compile,
-                    "compile_mode": args.compile_mode if fast.compile else None, "cuda_graphs": fast.cuda_graphs,
+                    "compile_mode": args.compile_mode, "cuda_graphs": fast.cuda_graphs,
                     "compile_gen": fast.compile_gen, "grad_ckpt": args.grad_ckpt}}
 
     def log(msg):
