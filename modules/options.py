@@ -57,8 +57,12 @@ def common_parser():
     g.add_argument("--compile", choices=AUTO, default="auto", help="torch.compile the modules (auto: on for CUDA)")
     g.add_argument("--cuda_graphs", choices=AUTO, default="auto",
                    help="capture the generation step in a CUDA graph (auto: on for CUDA)")
+    g.add_argument("--malloc_cache", choices=AUTO, default="auto",
+                   help="keep freed host memory for reuse instead of returning it to the system, so large "
+                        "tensors do not cost fresh zeroed pages on every step (glibc; auto: on for CPU)")
     g.add_argument("--plain", action="store_true",
-                   help="the reference path: per-frame loop, float32, no compile, graphs or channels_last")
+                   help="the reference path: per-frame loop, float32, no compile, graphs, channels_last or "
+                        "malloc cache")
     return p
 
 

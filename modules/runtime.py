@@ -2,6 +2,7 @@
 
 The plain path (`--plain`) is the reference: per-frame loop, float32, no channels_last, compile or
 CUDA graphs. The fast path computes the same function (tests check it on CPU in float32)."""
+import ctypes
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ class Speed:
     fast: bool           # batch the teacher-forced frames of a sequence
     compile_gen: bool = False  # torch.compile the generation step (before any graph capture)
     compile_mode: str = "default"  # torch.compile's mode wherever compile is on
+    malloc_cache: bool = False  # keep freed host memory in the process (see keep_freed_memory)
 
     def autocast(self, cache_enabled=True):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp,
@@ -45,7 +47,32 @@ def resolve_speed(args):
         compile=pick(args.compile, cuda),
         cuda_graphs=pick(args.cuda_graphs, cuda) and cuda,
         fast=not args.plain,
+        malloc_cache=pick(args.malloc_cache, device.type == "cpu" and _mallopt() is not None),
     )
+
+
+def _mallopt():
+    """glibc's mallopt, or None (another C library, or not Linux)."""
+    try:
+        return ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_freed_memory():
+    """Make glibc's malloc keep freed memory for reuse (process-wide; returns whether it could).
+
+    By default glibc serves every block over 32 MB with a fresh mmap and unmaps it when freed, and
+    trims the heap's top: a CPU training step at the lab's dims allocates its large activations
+    again each step, 1.4 GiB of new pages that the kernel must fault in and zero (measured: 375,000
+    page faults and 0.66 s of system time per 2.4 s step, batch 2). With mmap off and trimming off,
+    freed blocks are reused: no faults after the first step, 12.4 -> 15.3 training frames/s. The
+    process keeps its peak footprint until it exits."""
+    mallopt = _mallopt()
+    if mallopt is None:
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
 def peak_memory_growth(fn, device):
@@ -75,6 +102,10 @@ def peak_memory_growth(fn, device):
 
 
 def prepare_model(model, speed):
+    """Move the model to the device in the settings' memory format, and set the process up for
+    them (CUDA math modes, the host memory cache)."""
+    if speed.malloc_cache:
+        keep_freed_memory()
     model.to(speed.device)
     if speed.channels_last:
         model.to(memory_format=torch.channels_last)

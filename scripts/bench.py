@@ -31,7 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from modules.model import build_model  # noqa: E402
 from modules.engine import WindowBatches  # noqa: E402
 from modules.options import ConfigError, check_common, common_parser  # noqa: E402
-from modules.runtime import Speed, peak_memory_growth, prepare_model, resolve_speed, rollout, to_float  # noqa: E402
+from modules.runtime import (Speed, keep_freed_memory, peak_memory_growth, prepare_model, resolve_speed,  # noqa: E402
+                            rollout, to_float)
 
 
 def get_parser():
@@ -238,12 +239,16 @@ def main(argv=None):
            "dims": [args.F_dim, args.L_dim, args.N_dim, args.D_out_dim],
            "fast": {"amp": fast.amp, "channels_last": fast.channels_last, "compile": fast.compile,
                     "compile_mode": args.compile_mode, "cuda_graphs": fast.cuda_graphs,
-                    "compile_gen": fast.compile_gen, "grad_ckpt": args.grad_ckpt}}
+                    "compile_gen": fast.compile_gen, "grad_ckpt": args.grad_ckpt, "malloc_cache": fast.malloc_cache}}
 
     def log(msg):
         if not args.json:
             print(msg, flush=True)
 
+    if fast.malloc_cache:
+        # Process-wide, so on from the start: the plain path gets it too (on this project's CPU
+        # it makes the plain step ~2% faster), which keeps the ratio conservative.
+        keep_freed_memory()
     rounds = []
     for r in range(args.rounds):
         if args.rounds > 1:

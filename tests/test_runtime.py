@@ -1,0 +1,51 @@
+"""Process and device settings of the fast path (modules/runtime.py)."""
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from modules.options import trainer_parser
+from modules.runtime import _mallopt, resolve_speed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+glibc = pytest.mark.skipif(_mallopt() is None, reason="needs glibc's mallopt")
+
+
+@glibc
+def test_malloc_cache_is_on_for_the_cpu_fast_path_only():
+    def speed(*flags):
+        return resolve_speed(trainer_parser().parse_args(["--device", "cpu", *flags]))
+    assert speed().malloc_cache
+    assert not speed("--malloc_cache", "off").malloc_cache
+    assert not speed("--plain").malloc_cache
+
+
+PROBE = textwrap.dedent("""
+    import resource, sys, torch
+    from modules.runtime import keep_freed_memory
+    if sys.argv[1] == "keep":
+        assert keep_freed_memory()
+    def faults():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(10):  # the heap grows to its steady state (glibc needed 7 rounds here)
+        torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
+    before = faults()
+    for _ in range(10):
+        torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
+    print(faults() - before)
+""")
+
+
+@glibc
+def test_keep_freed_memory_reuses_large_blocks_instead_of_faulting_in_new_pages():
+    """64 MB tensors allocated, filled and freed one after the other: by default each is a fresh
+    mmap (16,384 pages faulted in each); with the cache, once the heap has grown, blocks are
+    reused and nothing faults in."""
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, check=True,
+                             cwd=ROOT)
+        return int(out.stdout.split()[-1])
+    assert faults("default") > 10 * 16384 * 0.9
+    assert faults("keep") < 1000
