@@ -125,14 +125,13 @@ def to_float(x, speed):
 def make_step_fn(model, speed, z_mode, example):
     """The per-frame generation step for `model.generate`. On CUDA with graphs on, the step is
     captured once for the example shapes (prev, label_feat, eps) and replayed: one launch per frame
-    instead of one per kernel. Otherwise the eager step under the chosen precision.
+    instead of one per kernel. Otherwise the eager step, run under the caller's speed.autocast().
     With speed.compile_gen the step is compiled first (fused element-wise kernels, so fewer
     kernels per frame); the compiled step is captured like the eager one."""
     step = torch.compile(model.step, dynamic=False, mode=speed.compile_mode) if speed.compile_gen else model.step
     if not speed.cuda_graphs:
-        def eager(prev, label_feat, eps):
-            with speed.autocast():
-                return step(prev, label_feat, eps, z_mode).float()
+        def eager(prev, label_feat, eps):  # called under speed.autocast(), which the rollout holds
+            return step(prev, label_feat, eps, z_mode).float()
         return eager
 
     static = [t.clone() for t in example]
@@ -179,6 +178,9 @@ def rollout(model, first, labels, eps, speed, z_mode="sample"):
                 chunk = 256 if first.is_cuda else 8
                 return model.generate_from_first(first, label_feat, eps, z_mode, chunk=chunk).float()
         step = make_step_fn(model, speed, z_mode, (first, label_feat[:, 0], eps[0]))
-        return model.generate(first, None, eps, z_mode, step_fn=step, label_feat=label_feat)
+        # One autocast context for the whole loop: its cache casts the weights once, not per frame
+        # (2-3% of a CPU rollout, measured). A replayed graph runs no autocast op.
+        with speed.autocast():
+            return model.generate(first, None, eps, z_mode, step_fn=step, label_feat=label_feat)
     finally:
         model.train(was_training)
