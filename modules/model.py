@@ -48,11 +48,6 @@ def _wide(x):
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
-def _cat(parts):
-    """torch.cat that does not copy a single part (it keeps the memory format either way)."""
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
 class VAE_Model(nn.Module):
     """Attributes keep the lab's names, so `state_dict()` keys match checkpoints written by lab code.
     With prior="learned" one more module, `prior`, predicts p(z_t | previous frame, pose_t).
@@ -110,13 +105,12 @@ class VAE_Model(nn.Module):
             conv.weight[:, z_start:] = 0
 
     # ---- pieces -------------------------------------------------------------------------------
-    def _ckpt(self, fn, *args, grad_ckpt=False):
+    @staticmethod
+    def _ckpt(fn, *args):
         # Activation checkpointing keeps fn's inputs and outputs and recomputes its intermediate
         # tensors in the backward pass. Never used for label_transformation: recomputing BatchNorm
         # in training mode would update its running statistics twice.
-        if grad_ckpt and torch.is_grad_enabled():
-            return checkpoint(fn, *args, use_reentrant=False)
-        return fn(*args)
+        return checkpoint(fn, *args, use_reentrant=False)
 
     def encode_labels(self, labels, chunk=1024):
         """labels (M, 3, H, W) -> features (M, L, H, W); chunked so long sequences fit in memory."""
@@ -136,10 +130,7 @@ class VAE_Model(nn.Module):
     def decode(self, prev_feat, label_feat, z, prev_img):
         """Features of the previous frame, of pose t, and z_t -> frame t (unclamped). prev_img, the
         previous frame itself, is used only by the residual option."""
-        # z is float32 under autocast (eps is); in the concatenation it would make the fused input,
-        # and the residual stream of the first block, float32 too: a cast of 172 channels per
-        # convolution. The features' precision is the one the convolutions run in anyway.
-        fused = self.Decoder_Fusion(prev_feat, label_feat, z.to(prev_feat.dtype))
+        fused = self.Decoder_Fusion(prev_feat, label_feat, z)
         out = self.Generator(fused)
         return prev_img + out if self.residual else out
 
@@ -168,8 +159,9 @@ class VAE_Model(nn.Module):
 
         fast=True runs all teacher-forced frames as one batch of B*(T-1); fast=False is the plain
         per-frame loop (the reference in tests). Both compute the same function.
-        grad_ckpt=True (fast path) recomputes the frames in the backward pass one time step (B
-        frames) at a time, so the activations held at once are those of B frames, not B*(T-1).
+        grad_ckpt=True recomputes the frames in the backward pass one time step (B frames) at a
+        time, so the activations held at once are those of B frames, not B*(T-1)
+        (`_forward_checkpointed`, same function).
         Returns dict(loss, recon, kl, pred) with pred (B, T-1, 3, H, W) unclamped.
         loss = recon + beta * kl; recon is the mean per-pixel error, kl the KL summed over the
         latent map and averaged over samples and frames.
@@ -178,33 +170,80 @@ class VAE_Model(nn.Module):
         tf = [bool(teacher_forcing)] * (T - 1) if isinstance(teacher_forcing, bool) else [bool(x) for x in teacher_forcing]
         if len(tf) != T - 1:
             raise ValueError(f"teacher_forcing needs {T - 1} entries, got {len(tf)}")
+        if grad_ckpt and torch.is_grad_enabled():
+            return self._forward_checkpointed(img, label, tf, eps, beta, recon, fast)
+        # Labels and the posterior see only ground truth, so they run as one batch in both paths
+        # (which also gives BatchNorm the same batch statistics in both).
+        label_feat = self.label_transformation(_flat(label[:, 1:])).unflatten(0, (B, T - 1))
+        if fast:
+            frame_feat = self.frame_transformation(_flat(img)).unflatten(0, (B, T))
+        else:
+            frame_feat = torch.stack([self.frame_transformation(img[:, t]) for t in range(T)], 1)
         if eps is None:
             eps = torch.randn((B, T - 1, self.N_dim, *img.shape[-2:]), device=img.device)
-        # Frames are flattened time-major (row t*B + b): frames 1..T-1 and frames 0..T-2 are then
-        # contiguous row ranges, views rather than copies, and stay channels_last.
-        img_tm, eps_tm, n = _time_major(img), _time_major(eps), (T - 1) * B
-        # Labels see only ground truth, so they run as one batch in both paths (which also gives
-        # BatchNorm the same batch statistics in both).
-        label_feat = self.label_transformation(_time_major(label[:, 1:]))
+        z, mu, logvar = self.Gaussian_Predictor(_flat(frame_feat[:, 1:]), _flat(label_feat), _flat(eps))
+        z = z.unflatten(0, (B, T - 1))  # reparameterised sample of q(z_t | x_t, pose_t)
+
+        anchored = self.condition == "first"  # every frame from frame 0: teacher forcing is moot
+        if fast and (anchored or all(tf)):
+            if anchored:
+                prev_feat = frame_feat[:, :1].expand(-1, T - 1, *frame_feat.shape[2:])
+                prev_img = img[:, :1].expand(-1, T - 1, *img.shape[2:])
+            else:
+                prev_feat, prev_img = frame_feat[:, :-1], img[:, :-1]
+            pred = self.decode(_flat(prev_feat), _flat(label_feat), _flat(z), _flat(prev_img))
+            pred = pred.unflatten(0, (B, T - 1))
+        else:
+            preds, prev_feats, out = [], [], None
+            for t in range(1, T):
+                if anchored:
+                    prev_img, prev = img[:, 0], frame_feat[:, 0]
+                elif t == 1 or tf[t - 1]:
+                    prev_img = img[:, t - 1]
+                    prev = frame_feat[:, t - 1] if fast else self.frame_transformation(prev_img)
+                else:
+                    prev_img = out.clamp(0, 1)
+                    prev = self.frame_transformation(prev_img)
+                out = self.decode(prev, label_feat[:, t - 1], z[:, t - 1], prev_img)
+                preds.append(out)
+                prev_feats.append(prev)
+            pred = torch.stack(preds, 1)
+            prev_feat = torch.stack(prev_feats, 1)
+
+        target = img[:, 1:]
+        rec = F.mse_loss(pred, target) if recon == "mse" else F.l1_loss(pred, target)
+        if self.prior is None:
+            kl = kl_standard_normal(_wide(mu), _wide(logvar))
+        else:
+            mu_p, logvar_p = self.prior_params(_flat(prev_feat), _flat(label_feat))
+            kl = kl_gaussians(_wide(mu), _wide(logvar), _wide(mu_p), _wide(logvar_p))
+        kl = kl.sum() / (B * (T - 1))
+        rec = _wide(rec)
+        return dict(loss=rec + beta * kl, recon=rec, kl=kl, pred=pred)
+
+    def _forward_checkpointed(self, img, label, tf, eps, beta, recon, fast):
+        """forward() with activation checkpointing per time step. Frames are flattened time-major
+        (row t*B + b), so a time step's frames, frames 0..T-2 and frames 1..T-1 are contiguous
+        row ranges (views, channels_last kept). The frame encoder and each time step's posterior,
+        decoder and KL run under one checkpoint each."""
+        B, T = img.shape[:2]
+        if eps is None:
+            eps = torch.randn((B, T - 1, self.N_dim, *img.shape[-2:]), device=img.device)
+        img_tm, eps_tm = _time_major(img), _time_major(eps)
+        label_feat = self.label_transformation(_time_major(label[:, 1:]))  # one batch, as in forward()
         if fast:
-            parts = [self._ckpt(self.frame_transformation, x, grad_ckpt=grad_ckpt)
-                     for x in (img_tm.split(B) if grad_ckpt else [img_tm])]
-            frame_feat = _cat(parts)
+            frame_feat = torch.cat([self._ckpt(self.frame_transformation, x) for x in img_tm.split(B)])
         else:
             frame_feat = torch.cat([self.frame_transformation(img[:, t]) for t in range(T)])
 
         anchored = self.condition == "first"  # every frame from frame 0: teacher forcing is moot
         preds, kl = [], 0.0
         if fast and (anchored or all(tf)):
-            rows = B if grad_ckpt else n  # one time step per recomputed group, or all at once
-            for lo in range(0, n, rows):
-                hi = lo + rows
-                if anchored:
-                    prev_feat, prev_img = _cat([frame_feat[:B]] * (rows // B)), _cat([img_tm[:B]] * (rows // B))
-                else:
-                    prev_feat, prev_img = frame_feat[lo:hi], img_tm[lo:hi]
-                pred, k = self._ckpt(self._frame_terms, prev_feat, prev_img, frame_feat[B + lo:B + hi],
-                                     label_feat[lo:hi], eps_tm[lo:hi], grad_ckpt=grad_ckpt)
+            for t in range(1, T):  # one time step (B frames) per recomputed group
+                now, before = slice(t * B, (t + 1) * B), slice((t - 1) * B, t * B)
+                prev = slice(0, B) if anchored else before
+                pred, k = self._ckpt(self._frame_terms, frame_feat[prev], img_tm[prev], frame_feat[now],
+                                     label_feat[before], eps_tm[before])
                 preds.append(pred)
                 kl = kl + k
         else:
@@ -218,12 +257,12 @@ class VAE_Model(nn.Module):
                     prev = frame_feat[r] if fast else self.frame_transformation(prev_img)
                 else:
                     prev_img = out.clamp(0, 1)
-                    prev = self._ckpt(self.frame_transformation, prev_img, grad_ckpt=grad_ckpt)
+                    prev = self._ckpt(self.frame_transformation, prev_img)
                 out, k = self._ckpt(self._frame_terms, prev, prev_img, frame_feat[t * B:(t + 1) * B],
-                                    label_feat[r], eps_tm[r], grad_ckpt=grad_ckpt)
+                                    label_feat[r], eps_tm[r])
                 preds.append(out)
                 kl = kl + k
-        pred = _cat(preds)
+        pred = torch.cat(preds)
         target = img_tm[B:]
         rec = F.mse_loss(pred, target) if recon == "mse" else F.l1_loss(pred, target)
         kl = kl / (B * (T - 1))
