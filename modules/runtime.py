@@ -64,10 +64,10 @@ def keep_freed_memory():
 
     By default glibc serves every block over 32 MB with a fresh mmap and unmaps it when freed, and
     trims the heap's top: a CPU training step at the lab's dims allocates its large activations
-    again each step, 1.4 GiB of new pages that the kernel must fault in and zero (measured: 375,000
-    page faults and 0.66 s of system time per 2.4 s step, batch 2). With mmap off and trimming off,
-    freed blocks are reused: no faults after the first step, 12.4 -> 15.3 training frames/s. The
-    process keeps its peak footprint until it exits."""
+    again each step, 0.6-1.2 GiB of new pages that the kernel must fault in and zero (measured:
+    165,000-310,000 page faults and 0.3-0.5 s of system time per step, batch 2). With mmap off and
+    trimming off, freed blocks are reused: no faults after the first steps, 12.4-13.5 -> 14.4-14.7
+    training frames/s. The process keeps its peak footprint until it exits."""
     mallopt = _mallopt()
     if mallopt is None:
         return False
