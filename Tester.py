@@ -17,6 +17,7 @@ import torch
 from dataloader import DataError, TestSequences
 from modules.model import build_model
 from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args
+from modules.engine import OutOfMemory, is_out_of_memory
 from modules.metrics import psnr, ssim
 from modules.options import ConfigError, check_tester, tester_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed, rollout, to_float
@@ -73,8 +74,15 @@ def run(args):
         batch = jobs[lo:lo + args.batch_size]
         first = torch.stack([seqs[k]["first"] for k, _ in batch])
         labels = torch.stack([seqs[k]["labels"] for k, _ in batch])
-        out = rollout(model, to_float(first, speed), to_float(labels, speed),
-                      eps_all[:, lo:lo + len(batch)].to(speed.device), speed, args.z_mode)
+        try:
+            out = rollout(model, to_float(first, speed), to_float(labels, speed),
+                          eps_all[:, lo:lo + len(batch)].to(speed.device), speed, args.z_mode)
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            raise OutOfMemory(f"out of memory generating {len(batch)} rollout(s) of {L} frames together on "
+                              f"{speed.device}: use a smaller --batch_size (now {args.batch_size}). "
+                              f"({str(e).splitlines()[0][:160]})") from None
         for j, job in enumerate(batch):
             preds[job] = out[j].cpu()
     if speed.device.type == "cuda":
@@ -141,7 +149,7 @@ def main(argv=None):
     try:
         check_tester(args)
         return run(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk filled up, or the output folder vanished or turned read-only

@@ -21,8 +21,8 @@ from modules.model import build_model
 from modules import distributed
 from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,
                                 load_model_weights, rng_state, save_checkpoint, set_rng_state)
-from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, train_one_epoch,
-                            validate)
+from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, is_out_of_memory,
+                            train_one_epoch, validate)
 from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed
 from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side
@@ -342,9 +342,15 @@ def _train(args, d, stop):
                                   f"is saved in {last}. Continue with less memory: python Trainer.py {less}. ({oom})")
             return 130 if stop.signal == "SIGINT" else 143
         row = {"epoch": epoch + 1, **row, "time_s": round(time.time() - t0, 2)}
-        val = None
+        val = val_oom = None
         if d.is_main and ((epoch + 1) % args.val_every == 0 or epoch + 1 == args.num_epoch):
-            val = validate(model, val_set, args, speed)
+            try:
+                val = validate(model, val_set, args, speed)
+            except RuntimeError as e:
+                if not is_out_of_memory(e):
+                    raise
+                val_oom = str(e).splitlines()[0][:160]  # the epoch is saved below, unvalidated
+        if val is not None:
             # The curve goes in the row (rounded: 629 numbers at the lab's length) so that
             # scripts/plot_report.py needs nothing but metrics.jsonl.
             row.update(val_psnr=val["psnr"], val_loss=val["loss"],
@@ -372,6 +378,12 @@ def _train(args, d, stop):
             print(f"epoch {epoch + 1}/{args.num_epoch} | loss {row['loss']:.4g} | {args.recon} "
                   f"{row.get('mse', row.get('l1')):.4g} | kl {row['kl']:.4g} | beta {row['beta']:.3g} | "
                   f"{tftxt}lr {row['lr']:.2e} | {row['time_s']:.1f}s{vtxt}", flush=True)
+            if val_oom is not None:
+                raise OutOfMemory(
+                    f"out of memory validating after epoch {epoch + 1} ({len(val_set)} sequence(s) of "
+                    f"{args.val_vi_len} frames on {speed.device}); the epoch is saved in {last}, without its "
+                    f"validation. Continue with: python Trainer.py --resume {args.save_root} --val_vi_len "
+                    f"{max(2, args.val_vi_len // 2)} (or a larger --val_every). ({val_oom})")
         d.barrier()
     if writer is not None:
         writer.close()

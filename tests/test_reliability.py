@@ -304,6 +304,38 @@ def test_out_of_memory_saves_the_position_and_names_the_fix(baseline, dr, tmp_pa
     assert rows(run) == rows(baseline)
 
 
+def test_out_of_memory_in_validation_keeps_the_epoch(dr, tmp_path, monkeypatch, capsys):
+    """Validation that runs out of memory: the trained epoch is saved (its row without val_psnr),
+    and one line names the resume command with a shorter validation."""
+    def hungry(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 9.00 GiB")
+
+    monkeypatch.setattr(Trainer, "validate", hungry)
+    run = str(tmp_path / "run")
+    assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "2", "--save_root", run]) == 2
+    line = error_line(capsys.readouterr().err)
+    last = os.path.join(run, "last.ckpt")
+    assert "out of memory validating after epoch 1 (1 sequence(s) of 20 frames on cpu)" in line
+    assert f"the epoch is saved in {last}" in line and f"python Trainer.py --resume {run} --val_vi_len 10" in line
+    assert load_checkpoint(last)["epoch"] == 1
+    assert [("val_psnr" in r, r["epoch"]) for r in rows(run)] == [(False, 1)]
+    monkeypatch.undo()
+    assert Trainer.main(["--resume", run]) == 0
+    assert [("val_psnr" in r, r["epoch"]) for r in rows(run)] == [(False, 1), (True, 2)]
+
+
+def test_out_of_memory_in_the_tester_names_the_fix(baseline, dr, tmp_path, monkeypatch, capsys):
+    def hungry(*a, **kw):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory")
+
+    monkeypatch.setattr(Tester, "rollout", hungry)
+    assert Tester.main(["--ckpt_path", os.path.join(baseline, "last.ckpt"), "--DR", dr, "--test_len", "20",
+                        "--save_root", str(tmp_path / "t"), "--device", "cpu", "--batch_size", "4"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert "out of memory generating 2 rollout(s) of 20 frames together on cpu: use a smaller --batch_size (now 4)" in line
+    assert "can't allocate memory" in line
+
+
 # ----------------------------------------------------------------------------- disk, folders
 
 @pytest.mark.parametrize("fault", ["disk full mid-write", "folder turned read-only"])
