@@ -29,7 +29,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.model import build_model  # noqa: E402
-from modules.engine import WindowBatches  # noqa: E402
+from modules.engine import WindowBatches, is_out_of_memory  # noqa: E402
 from modules.options import ConfigError, check_common, common_parser  # noqa: E402
 from modules.runtime import (Speed, keep_freed_memory, peak_memory_growth, prepare_model, resolve_speed,  # noqa: E402
                             rollout, to_float)
@@ -253,7 +253,15 @@ def main(argv=None):
     for r in range(args.rounds):
         if args.rounds > 1:
             log(f"-- round {r + 1} of {args.rounds}")
-        rounds.append(measure(base, plain, fast, args, log))
+        try:
+            rounds.append(measure(base, plain, fast, args, log))
+        except RuntimeError as e:
+            if not is_out_of_memory(e):
+                raise
+            print(f"error: out of memory at batch {args.batch_size} x {args.train_vi_len} frames on {fast.device}: "
+                  f"add --grad_ckpt (fast path) or lower --batch_size; --skip_eager leaves out the plain path, "
+                  f"which needs the most. ({str(e).splitlines()[0][:160]})", file=sys.stderr)
+            return 2
     # Each figure is the median over rounds: the paths alternate, so a slow spell of the machine
     # touches both instead of one.
     for k in rounds[0]:

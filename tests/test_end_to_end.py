@@ -138,6 +138,18 @@ def test_bench_json(capsys):
     assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
+def test_bench_out_of_memory_names_the_fix(capsys, monkeypatch):
+    from scripts import bench
+
+    def hungry(*a, **kw):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.81 GiB")
+    monkeypatch.setattr(bench, "time_training", hungry)
+    assert bench.main(["--device", "cpu", *TINY[:8], "--batch_size", "128", "--skip_eager"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "error: out of memory at batch 128 x 16 frames on cpu: add --grad_ckpt" in err and "2.81 GiB" in err
+
+
 def test_default_dataset_made_on_first_use_and_after_an_interrupted_generation(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
