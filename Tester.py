@@ -17,7 +17,7 @@ import torch
 from dataloader import DataError, TestSequences
 from modules.model import build_model
 from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args
-from modules.engine import OutOfMemory, is_out_of_memory
+from modules.engine import OutOfMemory, first_line, is_out_of_memory
 from modules.metrics import psnr, ssim
 from modules.options import ConfigError, check_tester, tester_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed, rollout, to_float
@@ -82,7 +82,7 @@ def run(args):
                 raise
             raise OutOfMemory(f"out of memory generating {len(batch)} rollout(s) of {L} frames together on "
                               f"{speed.device}: use a smaller --batch_size (now {args.batch_size}). "
-                              f"({str(e).splitlines()[0][:160]})") from None
+                              f"({first_line(e)})") from None
         for j, job in enumerate(batch):
             preds[job] = out[j].cpu()
     if speed.device.type == "cuda":

@@ -21,8 +21,8 @@ from modules.model import build_model
 from modules import distributed
 from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,
                                 load_model_weights, rng_state, save_checkpoint, set_rng_state)
-from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, is_out_of_memory,
-                            train_one_epoch, validate)
+from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, first_line,
+                            is_out_of_memory, train_one_epoch, validate)
 from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed
 from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side
@@ -349,7 +349,7 @@ def _train(args, d, stop):
             except RuntimeError as e:
                 if not is_out_of_memory(e):
                     raise
-                val_oom = str(e).splitlines()[0][:160]  # the epoch is saved below, unvalidated
+                val_oom = first_line(e)  # the epoch is saved below, unvalidated
         if val is not None:
             # The curve goes in the row (rounded: 629 numbers at the lab's length) so that
             # scripts/plot_report.py needs nothing but metrics.jsonl.
@@ -409,7 +409,7 @@ def main(argv=None):
     except RuntimeError as e:
         if not distributed.lost_peer(e):
             raise
-        print(f"error: another process of this torchrun job stopped ({str(e).splitlines()[0][:160]}); its "
+        print(f"error: another process of this torchrun job stopped ({first_line(e)}); its "
               "own error line says why. Checkpoints already written are intact", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # a second Ctrl-C, or one before training started

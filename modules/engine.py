@@ -25,6 +25,11 @@ def is_out_of_memory(e):
     return isinstance(e, torch.cuda.OutOfMemoryError) or "can't allocate memory" in str(e)
 
 
+def first_line(e, limit=160):
+    """An error's first line, for the one-line messages (CUDA's run to a paragraph)."""
+    return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__
+
+
 class WindowBatches:
     """Batches of training windows gathered by index from uint8 tensors (on the GPU when they
     fit), so a step costs one gather and a float conversion, never a decode.
@@ -180,7 +185,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
                 torch.cuda.empty_cache()
             if all_reduce is not None:  # the other ranks wait in this step's collectives
                 raise OutOfMemory(f"out of memory at epoch {epoch + 1}, step {step}: {e}") from None
-            oom = str(e).split("\n")[0]
+            oom = first_line(e)
             break
         norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
         # A non-finite loss or gradient skips the update. This is the one host sync per step.

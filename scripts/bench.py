@@ -29,7 +29,7 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.model import build_model  # noqa: E402
-from modules.engine import WindowBatches, is_out_of_memory  # noqa: E402
+from modules.engine import WindowBatches, first_line, is_out_of_memory  # noqa: E402
 from modules.options import ConfigError, check_common, common_parser  # noqa: E402
 from modules.runtime import (Speed, keep_freed_memory, peak_memory_growth, prepare_model, resolve_speed,  # noqa: E402
                             rollout, to_float)
@@ -260,7 +260,7 @@ def main(argv=None):
                 raise
             print(f"error: out of memory at batch {args.batch_size} x {args.train_vi_len} frames on {fast.device}: "
                   f"add --grad_ckpt (fast path) or lower --batch_size; --skip_eager leaves out the plain path, "
-                  f"which needs the most. ({str(e).splitlines()[0][:160]})", file=sys.stderr)
+                  f"which needs the most. ({first_line(e)})", file=sys.stderr)
             return 2
     # Each figure is the median over rounds: the paths alternate, so a slow spell of the machine
     # touches both instead of one.
