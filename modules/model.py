@@ -31,7 +31,8 @@ def build_model(a):
     """The model that a dict of arguments describes: the Trainer's flags (vars(args)) or those
     stored in a checkpoint. Options missing from older checkpoints take their defaults."""
     return VAE_Model(a["F_dim"], a["L_dim"], a["N_dim"], a["D_out_dim"], prior=a.get("prior") or "fixed",
-                     residual=bool(a.get("residual")), condition=a.get("condition") or "previous")
+                     residual=bool(a.get("residual")), condition=a.get("condition") or "previous",
+                     first_pose=bool(a.get("first_pose")))
 
 
 def _flat(x):
@@ -61,15 +62,25 @@ class VAE_Model(nn.Module):
     instead of the previous one: x_t = decode(frame_transformation(x_0), pose_t, z_t). The rollout
     never reads its own output, so errors cannot compound over a long sequence; appearance comes
     from x_0 and position from the pose. With residual=True the change is from x_0. Same modules,
-    same state_dict keys; "previous" is the lab's model."""
+    same state_dict keys; "previous" is the lab's model.
+
+    first_pose=True (not the lab's; needs condition="first") tells the model where the dancer
+    stands in x_0: the features of x_0's pose (label_transformation, the pose encoder every frame
+    uses) enter x_0's features through one more module, `pose_fusion`, a 1x1 convolution that
+    starts at zero (so the untrained model is the one without it). Without it the model must find
+    the dancer in x_0 by itself before it can move the appearance to pose t and paint the old place
+    out, and with few training videos it learns their dancers by heart instead (docs/RESULTS.md)."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
-                 condition="previous"):
+                 condition="previous", first_pose=False):
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         if condition not in CONDITIONS:
             raise ValueError(f"condition must be one of {CONDITIONS}, got {condition!r}")
+        if first_pose and condition != "first":
+            raise ValueError("first_pose needs condition='first' (the lab's recurrence conditions on "
+                             "the previous frame)")
         self.N_dim, self.prior_type, self.residual, self.condition = N_dim, prior, residual, condition
         self.frame_transformation = RGB_Encoder(3, F_dim)
         self.label_transformation = Label_Encoder(3, L_dim)
@@ -77,6 +88,10 @@ class VAE_Model(nn.Module):
         self.Decoder_Fusion = Decoder_Fusion(F_dim + L_dim + N_dim, D_out_dim)
         self.Generator = Generator(D_out_dim, 3)
         self.prior = Gaussian_Predictor(F_dim + L_dim, N_dim) if prior == "learned" else None
+        self.pose_fusion = nn.Conv2d(L_dim, F_dim, 1) if first_pose else None
+        if first_pose:
+            nn.init.zeros_(self.pose_fusion.weight)
+            nn.init.zeros_(self.pose_fusion.bias)
         if residual:
             nn.init.zeros_(self.Generator[-1].weight)
             nn.init.zeros_(self.Generator[-1].bias)
@@ -111,6 +126,20 @@ class VAE_Model(nn.Module):
         # tensors in the backward pass. Never used for label_transformation: recomputing BatchNorm
         # in training mode would update its running statistics twice.
         return checkpoint(fn, *args, use_reentrant=False)
+
+    def condition_features(self, first_feat, first_label_feat=None):
+        """Features of the frame every frame is generated from under condition="first": those of
+        x_0, plus those of its pose through pose_fusion when first_pose is on."""
+        if self.pose_fusion is None:
+            return first_feat
+        if first_label_feat is None:
+            raise ValueError("a first_pose model needs the first frame's pose")
+        return first_feat + self.pose_fusion(first_label_feat)
+
+    def encode_first(self, first, first_label=None):
+        """first (B, 3, H, W) and, for first_pose, its pose (B, 3, H, W) -> condition_features."""
+        pose = None if self.pose_fusion is None or first_label is None else self.label_transformation(first_label)
+        return self.condition_features(self.frame_transformation(first), pose)
 
     def encode_labels(self, labels, chunk=1024):
         """labels (M, 3, H, W) -> features (M, L, H, W); chunked so long sequences fit in memory."""
@@ -173,8 +202,11 @@ class VAE_Model(nn.Module):
         if grad_ckpt and torch.is_grad_enabled():
             return self._forward_checkpointed(img, label, tf, eps, beta, recon, fast)
         # Labels and the posterior see only ground truth, so they run as one batch in both paths
-        # (which also gives BatchNorm the same batch statistics in both).
-        label_feat = self.label_transformation(_flat(label[:, 1:])).unflatten(0, (B, T - 1))
+        # (which also gives BatchNorm the same batch statistics in both). first_pose also reads
+        # frame 0's pose, in the same batch.
+        skip = 0 if self.pose_fusion is not None else 1
+        label_feat = self.label_transformation(_flat(label[:, skip:])).unflatten(0, (B, T - skip))
+        first_label_feat, label_feat = (label_feat[:, 0], label_feat[:, 1:]) if skip == 0 else (None, label_feat)
         if fast:
             frame_feat = self.frame_transformation(_flat(img)).unflatten(0, (B, T))
         else:
@@ -185,9 +217,10 @@ class VAE_Model(nn.Module):
         z = z.unflatten(0, (B, T - 1))  # reparameterised sample of q(z_t | x_t, pose_t)
 
         anchored = self.condition == "first"  # every frame from frame 0: teacher forcing is moot
+        cond = self.condition_features(frame_feat[:, 0], first_label_feat) if anchored else None
         if fast and (anchored or all(tf)):
             if anchored:
-                prev_feat = frame_feat[:, :1].expand(-1, T - 1, *frame_feat.shape[2:])
+                prev_feat = cond[:, None].expand(-1, T - 1, *frame_feat.shape[2:])
                 prev_img = img[:, :1].expand(-1, T - 1, *img.shape[2:])
             else:
                 prev_feat, prev_img = frame_feat[:, :-1], img[:, :-1]
@@ -197,7 +230,7 @@ class VAE_Model(nn.Module):
             preds, prev_feats, out = [], [], None
             for t in range(1, T):
                 if anchored:
-                    prev_img, prev = img[:, 0], frame_feat[:, 0]
+                    prev_img, prev = img[:, 0], cond
                 elif t == 1 or tf[t - 1]:
                     prev_img = img[:, t - 1]
                     prev = frame_feat[:, t - 1] if fast else self.frame_transformation(prev_img)
@@ -230,20 +263,23 @@ class VAE_Model(nn.Module):
         if eps is None:
             eps = torch.randn((B, T - 1, self.N_dim, *img.shape[-2:]), device=img.device)
         img_tm, eps_tm = _time_major(img), _time_major(eps)
-        label_feat = self.label_transformation(_time_major(label[:, 1:]))  # one batch, as in forward()
+        skip = 0 if self.pose_fusion is not None else 1
+        label_feat = self.label_transformation(_time_major(label[:, skip:]))  # one batch, as in forward()
+        first_label_feat, label_feat = (label_feat[:B], label_feat[B:]) if skip == 0 else (None, label_feat)
         if fast:
             frame_feat = torch.cat([self._ckpt(self.frame_transformation, x) for x in img_tm.split(B)])
         else:
             frame_feat = torch.cat([self.frame_transformation(img[:, t]) for t in range(T)])
 
         anchored = self.condition == "first"  # every frame from frame 0: teacher forcing is moot
+        cond = self.condition_features(frame_feat[:B], first_label_feat) if anchored else None
         preds, kl = [], 0.0
         if fast and (anchored or all(tf)):
             for t in range(1, T):  # one time step (B frames) per recomputed group
                 now, before = slice(t * B, (t + 1) * B), slice((t - 1) * B, t * B)
                 prev = slice(0, B) if anchored else before
-                pred, k = self._ckpt(self._frame_terms, frame_feat[prev], img_tm[prev], frame_feat[now],
-                                     label_feat[before], eps_tm[before])
+                pred, k = self._ckpt(self._frame_terms, cond if anchored else frame_feat[prev], img_tm[prev],
+                                     frame_feat[now], label_feat[before], eps_tm[before])
                 preds.append(pred)
                 kl = kl + k
         else:
@@ -251,7 +287,7 @@ class VAE_Model(nn.Module):
             for t in range(1, T):
                 r = slice((t - 1) * B, t * B)  # rows of frame t-1, and of pose t / eps t
                 if anchored:
-                    prev_img, prev = img_tm[:B], frame_feat[:B]
+                    prev_img, prev = img_tm[:B], cond
                 elif t == 1 or tf[t - 1]:
                     prev_img = img_tm[r]
                     prev = frame_feat[r] if fast else self.frame_transformation(prev_img)
@@ -274,7 +310,9 @@ class VAE_Model(nn.Module):
         """One generated frame: previous image (B, 3, H, W) (the first frame under
         condition="first"), pose features of frame t and noise eps (B, N, H, W) -> frame t clamped
         to [0, 1]. z = prior mean + eps * prior std ("sample"), the prior mean ("prior_mean"), or
-        0 ("zero"). prev_feat, when given, is frame_transformation(prev_img) computed already."""
+        0 ("zero"). prev_feat, when given, is frame_transformation(prev_img) computed already (for
+        condition="first", encode_first(...): a first_pose model needs it, the step has no pose of
+        prev_img)."""
         if prev_feat is None:
             prev_feat = self.frame_transformation(prev_img)
         mu, logvar = self.prior_params(prev_feat, label_feat)
@@ -296,10 +334,16 @@ class VAE_Model(nn.Module):
         """Autoregressive rollout. first (B, 3, H, W), labels (B, L, 3, H, W), eps (L-1, B, N, H, W).
         Returns (B, L, 3, H, W) float32; frame 0 is `first`. Pose features are computed once up
         front (or passed in as label_feat (B, L-1, L_dim, H, W)); `step_fn(prev, label_feat_t,
-        eps_t)` (default self.step) lets a caller substitute a captured step."""
+        eps_t)` (default self.step) lets a caller substitute a captured step. A first_pose model
+        needs `labels` (frame 0's pose) and its own step."""
         if label_feat is None:
             B, L = labels.shape[:2]
             label_feat = self.encode_labels(_flat(labels[:, 1:])).unflatten(0, (B, L - 1))
+        if self.pose_fusion is not None:
+            if step_fn is not None or labels is None:
+                raise ValueError("generate with a first_pose model takes the labels and no step_fn")
+            feat = self.encode_first(first, labels[:, 0])  # encoded once
+            step_fn = lambda p, lf, e: self.step(p, lf, e, z_mode, prev_feat=feat)  # noqa: E731
         step_fn = step_fn or (lambda p, lf, e: self.step(p, lf, e, z_mode))
         out, prev = [first.float()], first
         for t in range(label_feat.shape[1]):
@@ -308,15 +352,16 @@ class VAE_Model(nn.Module):
         return torch.stack(out, 1)
 
     @torch.no_grad()
-    def generate_from_first(self, first, label_feat, eps, z_mode="sample", chunk=256):
+    def generate_from_first(self, first, label_feat, eps, z_mode="sample", chunk=256, first_label=None):
         """The rollout of condition="first" as batches of frames instead of a loop: no frame
         depends on another, so up to `chunk` frames (of all sequences) run at once and the first
         frames are encoded once. first (B, 3, H, W), label_feat (B, L-1, L_dim, H, W), eps
-        (L-1, B, N, H, W). Same function as `generate`; returns (B, L, 3, H, W) float32."""
+        (L-1, B, N, H, W), first_label (B, 3, H, W) the first frames' poses (read by a first_pose
+        model only). Same function as `generate`; returns (B, L, 3, H, W) float32."""
         if self.condition != "first":
             raise ValueError("generate_from_first needs condition='first'")
         B, n = label_feat.shape[:2]
-        feat = self.frame_transformation(first)
+        feat = self.encode_first(first, first_label)
         per = max(1, chunk // B)  # frames per batch
 
         def rep(x, k):  # (B, ...) -> (B * k, ...), sequence-major like label_feat's flattening
@@ -338,9 +383,11 @@ class VAE_Model(nn.Module):
             prev, out = first[b:b + 1], [first[b:b + 1]]
             for t in range(1, labels.shape[1]):
                 label_feat = self.label_transformation(labels[b:b + 1, t])
+                feat = None
                 if self.condition == "first":
                     prev = first[b:b + 1]
-                prev = self.step(prev, label_feat, eps[t - 1, b:b + 1], z_mode)
+                    feat = self.encode_first(prev, labels[b:b + 1, 0])
+                prev = self.step(prev, label_feat, eps[t - 1, b:b + 1], z_mode, prev_feat=feat)
                 out.append(prev)
             seqs.append(torch.stack(out, 1))
         return torch.cat(seqs)

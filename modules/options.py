@@ -4,7 +4,7 @@ import argparse
 import os
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
-MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition")
+MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose")
 KL_TYPES = ("Cyclical", "Monotonic", "Full_KL", "None")
 TF_MODES = ("epoch", "step", "frame")
 SCHEDULERS = ("multistep", "step", "cosine", "none")
@@ -46,6 +46,10 @@ def common_parser():
                    help="what each frame is generated from: the previous frame (the lab's) or, not "
                         "the lab's, the sequence's first frame (errors cannot compound over long "
                         "rollouts; teacher forcing has nothing to do)")
+    g.add_argument("--first_pose", action="store_true",
+                   help="not the lab's, needs --condition first: the first frame's pose features join "
+                        "its frame features (a 1x1 convolution starting at zero), so the model is told "
+                        "where the dancer stands in the frame it copies from (docs/RESULTS.md)")
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     g.add_argument("--gpu", type=int, default=1,
@@ -186,6 +190,14 @@ def check_common(args):
     return args
 
 
+def check_model(args):
+    """Model options that only work together (the Trainer and the benchmark build from flags)."""
+    if args.first_pose and args.condition != "first":
+        raise ConfigError("--first_pose needs --condition first (the lab's --condition previous generates "
+                          "each frame from the previous one)")
+    return args
+
+
 def check_trainer(args):
     check_common(args)
     _positive(args, ("batch_size", "lr", "num_epoch", "per_save", "val_vi_len", "val_every", "log_every",
@@ -205,6 +217,7 @@ def check_trainer(args):
     if args.first_frame_from == "video" and args.condition != "first":
         raise ConfigError("--first_frame_from video needs --condition first (the lab's model "
                           "conditions on the previous frame)")
+    check_model(args)
     if args.ckpt_path and args.resume:
         raise ConfigError("give either --ckpt_path or --resume, not both")
     if args.test and not (args.ckpt_path or args.resume):

@@ -176,7 +176,8 @@ def rollout(model, first, labels, eps, speed, z_mode="sample"):
                 # 40.6 / 38.0 / 28.1 frames/s at 8 / 32 / 128 frames, peak memory +0.2 / 0.5 /
                 # 1.3 GB); a GPU wants large ones.
                 chunk = 256 if first.is_cuda else 8
-                return model.generate_from_first(first, label_feat, eps, z_mode, chunk=chunk).float()
+                return model.generate_from_first(first, label_feat, eps, z_mode, chunk=chunk,
+                                                 first_label=labels[:, 0].contiguous(memory_format=fmt)).float()
         step = make_step_fn(model, speed, z_mode, (first, label_feat[:, 0], eps[0]))
         # One autocast context for the whole loop: its cache casts the weights once, not per frame
         # (2-3% of a CPU rollout, measured). A replayed graph runs no autocast op.

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.model import build_model  # noqa: E402
 from modules.engine import WindowBatches, first_line, is_out_of_memory  # noqa: E402
-from modules.options import ConfigError, check_common, common_parser  # noqa: E402
+from modules.options import ConfigError, check_common, check_model, common_parser  # noqa: E402
 from modules.runtime import (Speed, keep_freed_memory, peak_memory_growth, prepare_model, resolve_speed,  # noqa: E402
                             rollout, to_float)
 
@@ -218,6 +218,7 @@ def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
         check_common(args)
+        check_model(args)
         if (args.compile_gen and args.compile_mode in ("reduce-overhead", "max-autotune")
                 and args.device.startswith("cuda") and args.cuda_graphs != "off" and not args.plain):
             raise ConfigError(f"--compile_mode {args.compile_mode} captures CUDA graphs itself, and the generation "

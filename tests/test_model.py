@@ -253,6 +253,65 @@ def test_first_frame_condition_never_reads_its_own_frames():
         VAE_Model(*TINY, condition="last")
 
 
+def test_first_pose_starts_as_the_model_without_it_and_every_path_agrees():
+    """first_pose: one more module (pose_fusion), starting at zero, so the untrained model is the
+    one without it. Trained (jittered): the training pass batched, per frame and checkpointed is
+    one function (loss and gradients); every rollout (loop, batches of frames, one sequence at a
+    time, the fast rollout) gives the same frames; the first frame's pose changes them."""
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(*TINY, residual=True, condition="first", first_pose=True))
+    torch.nn.init.normal_(model.Generator[-1].weight, std=0.1)
+    without = VAE_Model(*TINY, residual=True, condition="first")
+    sd = model.state_dict()
+    assert sorted(set(sd) - set(without.state_dict())) == ["pose_fusion.bias", "pose_fusion.weight"]
+    without.load_state_dict({k: v for k, v in sd.items() if not k.startswith("pose_fusion.")})
+    img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
+    eps = torch.randn(2, 5, TINY[2], 32, 64)
+    fresh = VAE_Model(*TINY, residual=True, condition="first", first_pose=True)
+    assert fresh.pose_fusion.weight.abs().sum() == 0 and fresh.pose_fusion.bias.abs().sum() == 0
+    with torch.no_grad():
+        model.pose_fusion.weight.zero_(), model.pose_fusion.bias.zero_()
+        model.eval(), without.eval()  # BatchNorm's batch statistics differ (frame 0's pose is read too)
+        torch.testing.assert_close(model(img, lab, True, eps=eps)["pred"], without(img, lab, True, eps=eps)["pred"])
+        model.train()
+    jitter(model.pose_fusion, seed=1)
+
+    # Checkpointing sums the gradients per time step, which in float32 alone moves some by ~1e-5
+    # relative (as in the test above): that comparison runs in float64.
+    for dtype, other, rtol in ((torch.float32, dict(fast=False), 1e-5),
+                               (torch.float64, dict(fast=True, grad_ckpt=True), 1e-10)):
+        model.to(dtype)
+        x, y, e = img.to(dtype), lab.to(dtype), eps.to(dtype)
+        a, ga = _loss_and_grads(model, x, y, True, e, fast=True)
+        b, gb = _loss_and_grads(model, x, y, True, e, **other)
+        torch.testing.assert_close(a["loss"], b["loss"], rtol=rtol, atol=0)
+        torch.testing.assert_close(a["pred"], b["pred"], rtol=rtol, atol=rtol / 10)
+        _assert_grads_close(ga, gb, rtol, model)
+        assert ga["pose_fusion.weight"].norm() > 0
+    model.float()
+
+    model.eval()
+    first, labels = img[:, 0], lab
+    moved = lab.clone()
+    moved[:, 0] = torch.rand(2, 3, 32, 64)  # the first frame's pose only
+    noise = model.sample_noise(2, 6, 32, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loop = model.generate(first, labels, noise)
+        label_feat = model.label_transformation(labels[:, 1:].flatten(0, 1)).unflatten(0, (2, 5))
+        batched = model.generate_from_first(first, label_feat, noise, chunk=6, first_label=labels[:, 0])
+        torch.testing.assert_close(batched, loop, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(model.generate_plain(first, labels, noise), loop, rtol=1e-5, atol=1e-6)
+        fast = rollout(model.to(memory_format=torch.channels_last), first, labels, noise,
+                       Speed(torch.device("cpu"), False, True, False, False, True))
+        torch.testing.assert_close(fast, loop, rtol=1e-4, atol=1e-5)
+        other = model.generate(first, moved, noise)
+        with pytest.raises(ValueError, match="first frame's pose"):
+            model.generate_from_first(first, label_feat, noise)
+    assert not torch.allclose(other[:, 1:], loop[:, 1:])
+    with pytest.raises(ValueError, match="first_pose needs condition='first'"):
+        VAE_Model(*TINY, first_pose=True)
+
+
 @pytest.mark.parametrize("prior", ["fixed", "learned"])
 def test_model_starts_at_the_prior_and_blind_to_z(prior):
     """At initialisation q = p = N(0, I) (KL exactly 0) and the frames do not depend on z; the

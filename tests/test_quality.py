@@ -193,3 +193,23 @@ def test_tester_sampling_modes_and_best_of_k(learned_run, capsys):
     for seq in results["prior_mean"]["sequences"]:
         assert seq["best_of_k_psnr"] == pytest.approx(seq["psnr"], abs=1e-5)
     assert any(s["best_of_k_psnr"] > s["psnr"] + 1e-6 for s in results["sample"]["sequences"])
+
+
+def test_first_frame_conditioning_with_its_pose_trains_and_tests(tiny_dance, tmp_path):
+    """--condition first --residual --first_frame_from video --first_pose: the Trainer writes the
+    option and pose_fusion's weights, learns them, and the Tester rebuilds the model from the
+    checkpoint alone and scores it; its rollout reads the first frame's pose."""
+    dr = tmp_path / "DR"
+    shutil.copytree(tiny_dance, dr)
+    run = tmp_path / "run"
+    assert Trainer.main(["--DR", str(dr), *TINY, "--condition", "first", "--residual", "--first_frame_from",
+                         "video", "--first_pose", "--num_epoch", "2", "--train_vi_len", "4", "--batch_size", "4",
+                         "--val_vi_len", "10", "--save_root", str(run)]) == 0
+    assert json.loads((run / "args.json").read_text())["first_pose"] is True
+    weights = torch.load(run / "last.ckpt", weights_only=True)["model"]
+    assert weights["pose_fusion.weight"].abs().sum() > 0  # trained away from its zero start
+    out = tmp_path / "test"
+    assert Tester.main(["--DR", str(dr), "--ckpt_path", str(run / "last.ckpt"), "--device", "cpu", "--amp", "off",
+                        "--test_len", "20", "--no_gif", "--save_root", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["sequences"]) == 2 and math.isfinite(res["psnr"])
