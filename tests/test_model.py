@@ -270,8 +270,10 @@ def test_first_pose_starts_as_the_model_without_it_and_every_path_agrees():
     fresh = VAE_Model(*TINY, residual=True, condition="first", first_pose=True)
     assert fresh.pose_fusion.weight.abs().sum() == 0 and fresh.pose_fusion.bias.abs().sum() == 0
     with torch.no_grad():
-        model.pose_fusion.weight.zero_(), model.pose_fusion.bias.zero_()
-        model.eval(), without.eval()  # BatchNorm's batch statistics differ (frame 0's pose is read too)
+        model.pose_fusion.weight.zero_()
+        model.pose_fusion.bias.zero_()
+        model.eval()  # running BatchNorm statistics: in training mode frame 0's pose joins the batch
+        without.eval()
         torch.testing.assert_close(model(img, lab, True, eps=eps)["pred"], without(img, lab, True, eps=eps)["pred"])
         model.train()
     jitter(model.pose_fusion, seed=1)

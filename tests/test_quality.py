@@ -198,7 +198,7 @@ def test_tester_sampling_modes_and_best_of_k(learned_run, capsys):
 def test_first_frame_conditioning_with_its_pose_trains_and_tests(tiny_dance, tmp_path):
     """--condition first --residual --first_frame_from video --first_pose: the Trainer writes the
     option and pose_fusion's weights, learns them, and the Tester rebuilds the model from the
-    checkpoint alone and scores it; its rollout reads the first frame's pose."""
+    checkpoint alone and scores it."""
     dr = tmp_path / "DR"
     shutil.copytree(tiny_dance, dr)
     run = tmp_path / "run"
