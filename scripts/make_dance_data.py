@@ -444,8 +444,9 @@ class Video:
         return [tuple(top + nrm * w), tuple(bot + nrm * w * flare),
                 tuple(bot - nrm * w * flare), tuple(top - nrm * w)]
 
-    def render(self, i):
-        """Frame i and its pose label, both (height, width) RGB PIL images."""
+    def render(self, i, figure=True):
+        """Frame i and its pose label, both (height, width) RGB PIL images. figure=False leaves the
+        dancer out (the wall, floor and shadow alone): what the dancer hides, for analysis."""
         d, b, S = self.d, self.body, self.S
         xy = {k: v[i] for k, v in self.xy.items()}
         z = {k: float(v[i]) for k, v in self.depth.items()}
@@ -540,7 +541,7 @@ class Video:
                     add(zh + 2e-4, lambda bx: draw.ellipse(bx, fill=(25, 20, 20)),
                         [e[0] - 0.12 * rh, e[1] - 0.12 * rh, e[0] + 0.12 * rh, e[1] + 0.12 * rh])
         parts.sort(key=lambda t: (t[0], t[1]))
-        for _, _, fn, args in parts:
+        for _, _, fn, args in parts if figure else ():
             fn(*args)
         return img.reduce(SS), self.label(i)
 

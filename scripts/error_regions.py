@@ -1,0 +1,155 @@
+"""Where a model's test error lies on the generated dance data, and what the data allows.
+
+    python scripts/error_regions.py --DR data/dance
+    python scripts/error_regions.py --DR data/dance --ckpt_path runs/x/best.ckpt
+
+Only for data written by scripts/make_dance_data.py: each test sequence is rendered again with
+and without the dancer, which splits the pixels of frame t into three regions: the dancer at t,
+the wall the first frame's dancer hid that is open at t ("revealed"), and the rest (the wall,
+floor and the dancer's moving shadow). Printed per
+sequence and averaged, in PSNR (dB, frames 1..L-1, as the Tester):
+- copy-first, the first frame for every frame;
+- two ceilings, exact everywhere but the revealed wall: "ghost" leaves the first frame's dancer
+  there, "inpainted" fills it row by row, linearly between the visible wall on either side;
+- with --ckpt_path, the model's rollout (z sampled, --seed as the Tester) and the share of its
+  squared error in each region.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from dataloader import RESAMPLE, DataError, TestSequences  # noqa: E402
+from modules.metrics import psnr  # noqa: E402
+from scripts.make_dance_data import MARKER, Video, plan  # noqa: E402
+
+REGIONS = ("dancer", "revealed", "rest")
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--DR", default="data/dance", help="a dataset written by scripts/make_dance_data.py")
+    p.add_argument("--ckpt_path", default=None, help="also split this checkpoint's error")
+    p.add_argument("--test_len", type=int, default=None, help="frames per sequence (default: all)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="the Tester's --seed: the same z")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    return p
+
+
+def _small(im, H, W):
+    """The loader's resize of a rendered frame, as float (H, W, 3) in [0, 1]."""
+    return np.asarray(im.resize((W, H), RESAMPLE), dtype=np.float32) / 255
+
+
+def fill_rows(img, hole):
+    """img (H, W, 3) with the pixels of hole (H, W) replaced, row by row, by linear interpolation
+    between the nearest pixels outside the hole (held constant beyond the last one)."""
+    out = img.copy()
+    xs = np.arange(img.shape[1])
+    for y in np.nonzero(hole.any(1) & (~hole).any(1))[0]:
+        h = hole[y]
+        for c in range(img.shape[2]):
+            out[y, h, c] = np.interp(xs[h], xs[~h], img[y, ~h, c])
+    return out
+
+
+def regions(video, n, H, W):
+    """Frames (n, H, W, 3) of a generator video, and the masks (n, H, W) of its three regions."""
+    frames, walls = [], []
+    for i in range(n):
+        frames.append(_small(video.render(i)[0], H, W))
+        walls.append(_small(video.render(i, figure=False)[0], H, W))
+    frames, walls = np.stack(frames), np.stack(walls)
+    dancer = np.abs(frames - walls).max(-1) > 0
+    revealed = dancer[:1] & ~dancer
+    return frames, dict(dancer=dancer, revealed=revealed, rest=~dancer & ~revealed)
+
+
+def _psnr(pred, truth):
+    """Mean PSNR of frames 1.. of (n, H, W, 3) arrays."""
+    t = lambda a: torch.from_numpy(np.ascontiguousarray(a[1:])).permute(0, 3, 1, 2)  # noqa: E731
+    return psnr(t(pred), t(truth)).mean().item()
+
+
+def analyse(root, ckpt_path=None, test_len=None, device="cpu", seed=0):
+    with open(os.path.join(root, MARKER)) as f:
+        made = json.load(f)["args"]
+    tests = [v for v in plan(**made)[0] if v["split"] == "test"]
+    H, W = 32, 64
+    L = test_len or made["test_len"]
+    seqs = TestSequences(root, H, W, test_len=L, cache=False)
+    preds = None
+    if ckpt_path:
+        from Tester import load_model
+        from modules.options import tester_parser
+        from modules.runtime import prepare_model, resolve_speed, rollout, to_float
+        targs = tester_parser().parse_args(["--ckpt_path", ckpt_path, "--device", device])  # the Tester's settings
+        speed = resolve_speed(targs)
+        model, _ = load_model(ckpt_path, targs)
+        prepare_model(model, speed)
+        eps = model.sample_noise(len(seqs), L, H, W, generator=torch.Generator().manual_seed(seed))
+        first = torch.stack([s["first"] for s in seqs])
+        labels = torch.stack([s["labels"] for s in seqs])
+        out = rollout(model, to_float(first, speed), to_float(labels, speed), eps.to(speed.device), speed)
+        preds = out.permute(0, 1, 3, 4, 2).cpu().numpy()
+    rows = []
+    for k, seq in enumerate(seqs):
+        frames, masks = regions(Video(**tests[int(seq["name"])]["video"]), L, H, W)
+        if seq["gt"] is None or not np.array_equal(np.rint(frames * 255), seq["gt"].permute(0, 2, 3, 1).numpy()):
+            raise DataError(f"{root}: test sequence {seq['name']} is not what scripts/make_dance_data.py "
+                            "renders from its dataset.json (another version of the generator, or edited files)")
+        hole = masks["dancer"][0]
+        row = dict(name=seq["name"], copy_first=_psnr(np.broadcast_to(frames[:1], frames.shape), frames),
+                   fraction={r: float(masks[r][1:].mean()) for r in REGIONS})
+        for name, fill in (("ghost", frames[0]), ("inpainted", fill_rows(frames[0], hole))):
+            ceiling = frames.copy()
+            ceiling[masks["revealed"]] = np.broadcast_to(fill, frames.shape)[masks["revealed"]]
+            row[name] = _psnr(ceiling, frames)
+        if preds is not None:
+            err = ((preds[k] - frames) ** 2).sum(-1)[1:]
+            row["model"] = _psnr(preds[k], frames)
+            row["share"] = {r: float(err[masks[r][1:]].sum() / err.sum()) for r in REGIONS}
+        rows.append(row)
+    keys = ["copy_first", "ghost", "inpainted"] + (["model"] if preds is not None else [])
+    mean = {key: float(np.mean([r[key] for r in rows])) for key in keys}
+    for group in ("fraction", "share"):
+        if group in rows[0]:
+            mean[group] = {r: float(np.mean([row[group][r] for row in rows])) for r in REGIONS}
+    return dict(sequences=rows, mean=mean, test_len=L)
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
+    try:
+        if not os.path.isfile(os.path.join(args.DR, MARKER)):
+            raise DataError(f"{args.DR} has no {MARKER}: this analysis needs data written by "
+                            "scripts/make_dance_data.py (it renders the test sequences again)")
+        res = analyse(args.DR, args.ckpt_path, args.test_len, args.device, args.seed)
+    except (DataError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.json:
+        print(json.dumps(res))
+        return 0
+    keys = list(res["mean"].keys() - {"fraction", "share"})
+    keys.sort(key=["copy_first", "ghost", "inpainted", "model"].index)
+    print("PSNR (dB) " + " | ".join(f"{k:>10}" for k in keys) + " | pixels dancer / revealed / rest"
+          + (" | model's squared error there" if "model" in keys else ""))
+    for r in res["sequences"] + [dict(res["mean"], name="mean")]:
+        line = f"{r['name']:>9} " + " | ".join(f"{r[k]:10.2f}" for k in keys)
+        line += " | " + " / ".join(f"{r['fraction'][g]:.3f}" for g in REGIONS)
+        if "share" in r:
+            line += " | " + " / ".join(f"{r['share'][g]:.2f}" for g in REGIONS)
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

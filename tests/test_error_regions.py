@@ -1,0 +1,55 @@
+"""scripts/error_regions.py: the regions of a generated test frame, the ceilings, the split."""
+import json
+import shutil
+
+import numpy as np
+from PIL import Image
+
+from modules import VAE_Model
+from modules.checkpoint import save_checkpoint
+from scripts import error_regions as er
+
+
+def test_fill_rows_interpolates_between_the_visible_pixels():
+    img = np.zeros((2, 6, 3), np.float32)
+    img[0, 0], img[0, 5] = 0.1, 0.6
+    img[1] = 0.3
+    hole = np.zeros((2, 6), bool)
+    hole[0, 1:5] = True
+    out = er.fill_rows(img, hole)
+    np.testing.assert_allclose(out[0, :, 0], [0.1, 0.2, 0.3, 0.4, 0.5, 0.6], atol=1e-6)
+    np.testing.assert_array_equal(out[1], img[1])  # rows without a hole are left alone
+
+
+def test_ceilings_and_the_untrained_model_on_generated_data(tiny_dance, tmp_path, capsys):
+    """The regions split every frame's pixels; the ghost ceiling is exact but for the revealed
+    wall, so it is never below copy-first; an untrained residual first-frame model copies the
+    first frame, so it scores copy-first, and nearly all its error is where the dancer is or was
+    (the rest is the shadow on the floor, which moves with the dancer)."""
+    model = VAE_Model(16, 8, 4, 16, residual=True, condition="first")
+    ckpt = tmp_path / "m.ckpt"
+    save_checkpoint(ckpt, {"model": model.state_dict(), "args": dict(residual=True, condition="first")})
+    res = er.analyse(str(tiny_dance), str(ckpt))
+    assert [r["name"] for r in res["sequences"]] == ["0", "1"] and res["test_len"] == 20
+    for r in res["sequences"]:
+        assert abs(sum(r["fraction"].values()) - 1) < 1e-6
+        assert r["fraction"]["dancer"] > 0.02 and r["fraction"]["revealed"] > 0
+        assert r["ghost"] >= r["copy_first"]
+        assert abs(r["model"] - r["copy_first"]) < 1e-4
+        assert abs(sum(r["share"].values()) - 1) < 1e-6 and r["share"]["rest"] < 0.01
+    assert er.main(["--DR", str(tiny_dance), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["mean"]["ghost"] == res["mean"]["ghost"] and "model" not in out["mean"]
+
+
+def test_refuses_data_it_cannot_render(tiny_dance, tmp_path, capsys):
+    assert er.main(["--DR", str(tmp_path)]) == 2
+    assert "needs data written by scripts/make_dance_data.py" in capsys.readouterr().err
+    dr = tmp_path / "DR"
+    shutil.copytree(tiny_dance, dr)
+    path = dr / "test" / "test_gt" / "1" / "frame3.png"
+    a = np.asarray(Image.open(path)).copy()
+    a[0, 0] ^= 255
+    Image.fromarray(a).save(path)
+    assert er.main(["--DR", str(dr)]) == 2
+    assert "test sequence 1 is not what scripts/make_dance_data.py renders" in capsys.readouterr().err
