@@ -215,7 +215,8 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
         if is_main and (step + 1) % args.log_every == 0:
             s = (sums[:3] / sums[3].clamp_min(1)).tolist()
             tf_shown = {"tfr": f"{tfr:.2f}"} if getattr(args, "condition", "previous") == "previous" else {}
-            bar.set_postfix(loss=f"{s[0]:.4g}", mse=f"{s[1]:.4g}", kl=f"{s[2]:.4g}", beta=f"{beta:.3g}",
+            recon = {args.recon: f"{s[1]:.4g}"}  # mse or l1, whichever the loss uses
+            bar.set_postfix(loss=f"{s[0]:.4g}", **recon, kl=f"{s[2]:.4g}", beta=f"{beta:.3g}",
                             **tf_shown, lr=f"{lr:.2e}")
     else:
         step = steps_per_epoch

@@ -167,6 +167,15 @@ def test_trainer_logs_learned_prior_run(learned_run):
         assert sum(curve) / len(curve) == pytest.approx(r["val_psnr"], abs=1e-2)
 
 
+def test_progress_bar_names_the_loss_in_use(tiny_dance, tmp_path, capfd):
+    dr = tmp_path / "DR"
+    shutil.copytree(tiny_dance, dr)
+    assert Trainer.main(["--DR", str(dr), *TINY, "--recon", "l1", "--num_epoch", "1", "--train_vi_len", "4",
+                         "--val_vi_len", "10", "--log_every", "1", "--save_root", str(tmp_path / "run")]) == 0
+    err = capfd.readouterr().err
+    assert "l1=" in err and "mse=" not in err
+
+
 def test_tester_sampling_modes_and_best_of_k(learned_run, capsys):
     dr, run = learned_run
     base = ["--DR", str(dr), "--ckpt_path", str(run / "best.ckpt"), "--device", "cpu", "--amp", "off",
