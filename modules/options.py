@@ -87,7 +87,9 @@ def trainer_parser():
     g.add_argument("--warmup_epochs", type=float, default=0.0, help="cosine: linear warm-up length")
     g.add_argument("--min_lr", type=float, default=0.0, help="cosine: final learning rate")
     g.add_argument("--grad_clip", type=float, default=1.0, help="max gradient norm (0 disables)")
-    g.add_argument("--recon", choices=("mse", "l1"), default="mse", help="reconstruction loss")
+    g.add_argument("--recon", choices=("mse", "l1"), default="mse",
+                   help="reconstruction loss (with --residual --condition first, l1 kept the model at "
+                        "its starting copy of the first frame: docs/RESULTS.md)")
     g.add_argument("--num_epoch", type=int, default=70)
     g.add_argument("--per_save", type=int, default=3, help="keep a checkpoint every this many epochs")
     g.add_argument("--partial", type=float, default=1.0, help="fraction of the training data used")
