@@ -12,7 +12,8 @@ sequence and averaged, in PSNR (dB, frames 1..L-1, as the Tester):
 - two ceilings, exact everywhere but the revealed wall: "ghost" leaves the first frame's dancer
   there, "inpainted" fills it row by row, linearly between the visible wall on either side;
 - with --ckpt_path, the model's rollout (z sampled, --seed as the Tester) and the share of its
-  squared error in each region.
+  squared error in each region;
+- the drift of each (the Tester's: mean PSNR of the first 100 frames and of the last 100).
 """
 import argparse
 import json
@@ -72,10 +73,10 @@ def regions(video, n, H, W):
     return frames, dict(dancer=dancer, revealed=revealed, rest=~dancer & ~revealed)
 
 
-def _psnr(pred, truth):
-    """Mean PSNR of frames 1.. of (n, H, W, 3) arrays."""
+def _curve(pred, truth):
+    """PSNR of frames 1.. of (n, H, W, 3) arrays, per frame."""
     t = lambda a: torch.from_numpy(np.ascontiguousarray(a[1:])).permute(0, 3, 1, 2)  # noqa: E731
-    return psnr(t(pred), t(truth)).mean().item()
+    return psnr(t(pred), t(truth)).numpy()
 
 
 def analyse(root, ckpt_path=None, test_len=None, device="cpu", seed=0):
@@ -99,30 +100,38 @@ def analyse(root, ckpt_path=None, test_len=None, device="cpu", seed=0):
         labels = torch.stack([s["labels"] for s in seqs])
         out = rollout(model, to_float(first, speed), to_float(labels, speed), eps.to(speed.device), speed)
         preds = out.permute(0, 1, 3, 4, 2).cpu().numpy()
-    rows = []
+    rows, curves = [], {}
     for k, seq in enumerate(seqs):
         frames, masks = regions(Video(**tests[int(seq["name"])]["video"]), L, H, W)
         if seq["gt"] is None or not np.array_equal(np.rint(frames * 255), seq["gt"].permute(0, 2, 3, 1).numpy()):
             raise DataError(f"{root}: test sequence {seq['name']} is not what scripts/make_dance_data.py "
                             "renders from its dataset.json (another version of the generator, or edited files)")
         hole = masks["dancer"][0]
-        row = dict(name=seq["name"], copy_first=_psnr(np.broadcast_to(frames[:1], frames.shape), frames),
-                   fraction={r: float(masks[r][1:].mean()) for r in REGIONS})
+        row = dict(name=seq["name"], fraction={r: float(masks[r][1:].mean()) for r in REGIONS})
+        scored = dict(copy_first=np.broadcast_to(frames[:1], frames.shape))
         for name, fill in (("ghost", frames[0]), ("inpainted", fill_rows(frames[0], hole))):
             ceiling = frames.copy()
             ceiling[masks["revealed"]] = np.broadcast_to(fill, frames.shape)[masks["revealed"]]
-            row[name] = _psnr(ceiling, frames)
+            scored[name] = ceiling
         if preds is not None:
+            scored["model"] = preds[k]
             err = ((preds[k] - frames) ** 2).sum(-1)[1:]
-            row["model"] = _psnr(preds[k], frames)
             row["share"] = {r: float(err[masks[r][1:]].sum() / err.sum()) for r in REGIONS}
+        for name, pred in scored.items():
+            curve = _curve(pred, frames)
+            row[name] = float(curve.mean())
+            curves.setdefault(name, []).append(curve)
         rows.append(row)
-    keys = ["copy_first", "ghost", "inpainted"] + (["model"] if preds is not None else [])
+    keys = list(curves)
     mean = {key: float(np.mean([r[key] for r in rows])) for key in keys}
+    # The Tester's drift: frames 1..n against the last n, of the curve averaged over sequences.
+    n = max(1, min(100, (L - 1) // 2))
+    drift = {key: dict(first=float(np.mean(c, 0)[:n].mean()), last=float(np.mean(c, 0)[-n:].mean()))
+             for key, c in curves.items()}
     for group in ("fraction", "share"):
         if group in rows[0]:
             mean[group] = {r: float(np.mean([row[group][r] for row in rows])) for r in REGIONS}
-    return dict(sequences=rows, mean=mean, test_len=L)
+    return dict(sequences=rows, mean=mean, drift=drift, drift_frames=n, test_len=L)
 
 
 def main(argv=None):
@@ -148,6 +157,9 @@ def main(argv=None):
         if "share" in r:
             line += " | " + " / ".join(f"{r['share'][g]:.2f}" for g in REGIONS)
         print(line)
+    n, L = res["drift_frames"], res["test_len"]
+    print(f"drift, frames 1-{n} -> {L - n}-{L - 1}: " + ", ".join(
+        f"{k} {d['first']:.2f} -> {d['last']:.2f} ({d['last'] - d['first']:+.2f})" for k, d in res["drift"].items()))
     return 0
 
 

@@ -37,6 +37,9 @@ def test_ceilings_and_the_untrained_model_on_generated_data(tiny_dance, tmp_path
         assert r["ghost"] >= r["copy_first"]
         assert abs(r["model"] - r["copy_first"]) < 1e-4
         assert abs(sum(r["share"].values()) - 1) < 1e-6 and r["share"]["rest"] < 0.01
+    assert res["drift_frames"] == 9  # the Tester's: min(100, (L - 1) // 2)
+    for end in ("first", "last"):
+        assert abs(res["drift"]["model"][end] - res["drift"]["copy_first"][end]) < 1e-4
     assert er.main(["--DR", str(tiny_dance), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["mean"]["ghost"] == res["mean"]["ghost"] and "model" not in out["mean"]
