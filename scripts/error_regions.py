@@ -3,11 +3,11 @@
     python scripts/error_regions.py --DR data/dance
     python scripts/error_regions.py --DR data/dance --ckpt_path runs/x/best.ckpt
 
-Only for data written by scripts/make_dance_data.py: each test sequence is rendered again with
-and without the dancer, which splits the pixels of frame t into three regions: the dancer at t,
-the wall the first frame's dancer hid that is open at t ("revealed"), and the rest (the wall,
-floor and the dancer's moving shadow). Printed per
-sequence and averaged, in PSNR (dB, frames 1..L-1, as the Tester):
+Only for data written by scripts/make_dance_data.py, at the lab's 32 x 64: each test sequence is
+rendered again with and without the dancer, which splits the pixels of frame t into three
+regions: the dancer at t, the wall the first frame's dancer hid that is open at t ("revealed"),
+and the rest (wall, floor and the dancer's moving shadow). Printed per sequence and averaged, in
+PSNR (dB, frames 1..L-1, as the Tester):
 - copy-first, the first frame for every frame;
 - two ceilings, exact everywhere but the revealed wall: "ghost" leaves the first frame's dancer
   there, "inpainted" fills it row by row, linearly between the visible wall on either side;
@@ -26,6 +26,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataloader import RESAMPLE, DataError, TestSequences  # noqa: E402
+from modules.checkpoint import CheckpointError  # noqa: E402
+from modules.options import ConfigError  # noqa: E402
 from modules.metrics import psnr  # noqa: E402
 from scripts.make_dance_data import MARKER, Video, plan  # noqa: E402
 
@@ -38,7 +40,7 @@ def get_parser():
     p.add_argument("--DR", default="data/dance", help="a dataset written by scripts/make_dance_data.py")
     p.add_argument("--ckpt_path", default=None, help="also split this checkpoint's error")
     p.add_argument("--test_len", type=int, default=None, help="frames per sequence (default: all)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default=None, help="as the Tester's (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0, help="the Tester's --seed: the same z")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
@@ -79,7 +81,7 @@ def _curve(pred, truth):
     return psnr(t(pred), t(truth)).numpy()
 
 
-def analyse(root, ckpt_path=None, test_len=None, device="cpu", seed=0):
+def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
     with open(os.path.join(root, MARKER)) as f:
         made = json.load(f)["args"]
     tests = [v for v in plan(**made)[0] if v["split"] == "test"]
@@ -89,9 +91,10 @@ def analyse(root, ckpt_path=None, test_len=None, device="cpu", seed=0):
     preds = None
     if ckpt_path:
         from Tester import load_model
-        from modules.options import tester_parser
+        from modules.options import check_tester, tester_parser
         from modules.runtime import prepare_model, resolve_speed, rollout, to_float
-        targs = tester_parser().parse_args(["--ckpt_path", ckpt_path, "--device", device])  # the Tester's settings
+        targs = check_tester(tester_parser().parse_args(  # the Tester's settings
+            ["--ckpt_path", ckpt_path] + (["--device", device] if device else [])))
         speed = resolve_speed(targs)
         model, _ = load_model(ckpt_path, targs)
         prepare_model(model, speed)
@@ -141,7 +144,7 @@ def main(argv=None):
             raise DataError(f"{args.DR} has no {MARKER}: this analysis needs data written by "
                             "scripts/make_dance_data.py (it renders the test sequences again)")
         res = analyse(args.DR, args.ckpt_path, args.test_len, args.device, args.seed)
-    except (DataError, OSError) as e:
+    except (DataError, CheckpointError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if args.json:

@@ -29,7 +29,7 @@ def test_ceilings_and_the_untrained_model_on_generated_data(tiny_dance, tmp_path
     model = VAE_Model(16, 8, 4, 16, residual=True, condition="first")
     ckpt = tmp_path / "m.ckpt"
     save_checkpoint(ckpt, {"model": model.state_dict(), "args": dict(residual=True, condition="first")})
-    res = er.analyse(str(tiny_dance), str(ckpt))
+    res = er.analyse(str(tiny_dance), str(ckpt), device="cpu")
     assert [r["name"] for r in res["sequences"]] == ["0", "1"] and res["test_len"] == 20
     for r in res["sequences"]:
         assert abs(sum(r["fraction"].values()) - 1) < 1e-6
@@ -48,6 +48,10 @@ def test_ceilings_and_the_untrained_model_on_generated_data(tiny_dance, tmp_path
 def test_refuses_data_it_cannot_render(tiny_dance, tmp_path, capsys):
     assert er.main(["--DR", str(tmp_path)]) == 2
     assert "needs data written by scripts/make_dance_data.py" in capsys.readouterr().err
+    assert er.main(["--DR", str(tiny_dance), "--ckpt_path", str(tmp_path / "none.ckpt")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert er.main(["--DR", str(tiny_dance), "--ckpt_path", "x.ckpt", "--device", "tpu"]) == 2
+    assert "--device must be cpu, cuda or cuda:N" in capsys.readouterr().err
     dr = tmp_path / "DR"
     shutil.copytree(tiny_dance, dr)
     path = dr / "test" / "test_gt" / "1" / "frame3.png"
