@@ -18,7 +18,7 @@ from dataloader import DataError, TestSequences
 from modules.model import build_model
 from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args
 from modules.engine import OutOfMemory, first_line, is_out_of_memory
-from modules.metrics import psnr, ssim
+from modules.metrics import drift, psnr, ssim
 from modules.options import ConfigError, check_tester, tester_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed, rollout, to_float
 from modules.visualize import save_gif, save_psnr_plot, save_strip
@@ -126,11 +126,9 @@ def run(args):
         print(f"{'avg':>6} | {results['psnr']:7.3f} | {best} | {results['ssim']:6.4f} | {results['copy_first_psnr']:7.3f}")
         # Drift: how much worse the end of the rollouts is than their start. Copy-first's own
         # decline, beside it, is how far the poses move away from the first frame's.
-        n = max(1, min(100, (L - 1) // 2))
         for key, prefix in (("psnr_per_frame", "psnr"), ("copy_first_per_frame", "copy_first")):
-            curve = np.mean([r[key] for r in results["sequences"]], 0)
-            results[f"{prefix}_first_frames"] = float(curve[:n].mean())
-            results[f"{prefix}_last_frames"] = float(curve[-n:].mean())
+            n, results[f"{prefix}_first_frames"], results[f"{prefix}_last_frames"] = drift(
+                np.mean([r[key] for r in results["sequences"]], 0))
         print(f"drift: mean PSNR {results['psnr_first_frames']:.3f} dB over frames 1-{n}, "
               f"{results['psnr_last_frames']:.3f} dB over frames {L - n}-{L - 1} "
               f"(copy-first: {results['copy_first_first_frames']:.3f}, {results['copy_first_last_frames']:.3f})")

@@ -15,6 +15,14 @@ def sequence_psnr(pred, target):
     return psnr(pred[:, 1:], target[:, 1:])
 
 
+def drift(curve, n=100):
+    """How much worse the end of a rollout is than its start: (k, mean of the first k values, mean
+    of the last k) of a per-frame curve, k = n or at most half the curve."""
+    c = torch.as_tensor(curve, dtype=torch.float64)
+    k = max(1, min(n, len(c) // 2))
+    return k, c[:k].mean().item(), c[-k:].mean().item()
+
+
 def ssim(pred, target, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03):
     """SSIM of each image (Wang et al. 2004): pred, target (..., C, H, W) -> (...).
 

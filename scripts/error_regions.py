@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dataloader import RESAMPLE, DataError, TestSequences  # noqa: E402
 from modules.checkpoint import CheckpointError  # noqa: E402
 from modules.options import ConfigError  # noqa: E402
-from modules.metrics import psnr  # noqa: E402
+from modules.metrics import drift, psnr  # noqa: E402
 from scripts.make_dance_data import MARKER, Video, plan  # noqa: E402
 
 REGIONS = ("dancer", "revealed", "rest")
@@ -127,14 +127,14 @@ def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
         rows.append(row)
     keys = list(curves)
     mean = {key: float(np.mean([r[key] for r in rows])) for key in keys}
-    # The Tester's drift: frames 1..n against the last n, of the curve averaged over sequences.
-    n = max(1, min(100, (L - 1) // 2))
-    drift = {key: dict(first=float(np.mean(c, 0)[:n].mean()), last=float(np.mean(c, 0)[-n:].mean()))
-             for key, c in curves.items()}
+    ends = {}  # the Tester's drift, of the curve averaged over sequences
+    for key, c in curves.items():
+        n, first, last = drift(np.mean(c, 0))
+        ends[key] = dict(first=first, last=last)
     for group in ("fraction", "share"):
         if group in rows[0]:
             mean[group] = {r: float(np.mean([row[group][r] for row in rows])) for r in REGIONS}
-    return dict(sequences=rows, mean=mean, drift=drift, drift_frames=n, test_len=L)
+    return dict(sequences=rows, mean=mean, drift=ends, drift_frames=n, test_len=L)
 
 
 def main(argv=None):

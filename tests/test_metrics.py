@@ -2,7 +2,7 @@ import math
 
 import torch
 
-from modules.metrics import psnr, sequence_psnr
+from modules.metrics import drift, psnr, sequence_psnr
 
 
 def test_psnr_per_sample_not_per_batch():
@@ -25,3 +25,9 @@ def test_sequence_psnr_skips_the_given_frame():
     assert out.shape == (2, 4)
     assert torch.isfinite(out).all()
     assert psnr(gt[0], gt[0]).eq(100).all()  # identical frames: the floor, not infinity
+
+
+def test_drift_compares_the_first_and_last_frames():
+    assert drift([1.0, 2.0, 3.0, 4.0, 5.0]) == (2, 1.5, 4.5)  # at most half a short curve
+    k, first, last = drift(list(range(629)))
+    assert (k, first, last) == (100, 49.5, 578.5)
