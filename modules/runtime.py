@@ -2,10 +2,12 @@
 
 The plain path (`--plain`) is the reference: per-frame loop, float32, no channels_last, compile or
 CUDA graphs. The fast path computes the same function (tests check it on CPU in float32)."""
+import copy
 import ctypes
 from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 
 
 @dataclass
@@ -122,12 +124,28 @@ def to_float(x, speed):
     return x.to(speed.device, non_blocking=True).float().div_(255.0)
 
 
+def with_bf16_convs(model):
+    """A copy of model whose convolutions hold weights and biases in bfloat16, the values autocast
+    casts them to at every call; under autocast it computes the same function (a test checks the
+    rollouts are equal). Other modules (the pose encoder's BatchNorm) are left as they are."""
+    model = copy.deepcopy(model)
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            m.to(torch.bfloat16)
+    return model
+
+
 def make_step_fn(model, speed, z_mode, example):
     """The per-frame generation step for `model.generate`. On CUDA with graphs on, the step is
     captured once for the example shapes (prev, label_feat, eps) and replayed: one launch per frame
     instead of one per kernel. Otherwise the eager step, run under the caller's speed.autocast().
     With speed.compile_gen the step is compiled first (fused element-wise kernels, so fewer
     kernels per frame); the compiled step is captured like the eager one."""
+    if speed.amp and (speed.cuda_graphs or speed.compile_gen):
+        # A captured or compiled step keeps no autocast cache: each call would cast every
+        # convolution's weights to bfloat16 again (169 casts per step at the lab's dims, about as
+        # many kernels as the step itself runs). Cast once; the step computes the same function.
+        model = with_bf16_convs(model)
     step = torch.compile(model.step, dynamic=False, mode=speed.compile_mode) if speed.compile_gen else model.step
     if not speed.cuda_graphs:
         def eager(prev, label_feat, eps):  # called under speed.autocast(), which the rollout holds

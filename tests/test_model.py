@@ -6,7 +6,7 @@ from torch.distributions import Normal, kl_divergence
 from modules import VAE_Model
 from modules.model import kl_gaussians, kl_standard_normal
 from modules.modules import reparameterize
-from modules.runtime import Speed, peak_memory_growth, rollout
+from modules.runtime import Speed, make_step_fn, peak_memory_growth, rollout, with_bf16_convs
 
 from helpers import jitter
 
@@ -349,3 +349,34 @@ def test_compiled_generation_step_matches_plain():
     plain = rollout(model, first, labels, eps, Speed(cpu, False, False, False, False, False))
     compiled = rollout(model, first, labels, eps, Speed(cpu, False, False, False, False, True, compile_gen=True))
     torch.testing.assert_close(compiled, plain, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("condition", ["previous", "first"])
+def test_bf16_conv_copy_computes_the_autocast_step(condition):
+    """A captured or compiled step runs a copy whose convolutions hold bfloat16 weights: under
+    autocast it gives the autocast step's frames exactly, and the model itself keeps float32."""
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(*TINY, prior="learned", condition=condition, residual=True)).eval()
+    prev, eps = torch.rand(3, 3, 32, 64), torch.randn(3, TINY[2], 32, 64)
+    copy = with_bf16_convs(model)
+    assert copy.Generator[-1].weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        label_feat = model.label_transformation(torch.rand(3, 3, 32, 64))
+        ref = model.step(prev, label_feat, eps)
+        out = copy.step(prev, label_feat, eps)
+    assert torch.equal(out, ref)
+    assert not torch.equal(ref, model.step(prev, label_feat, eps))  # float32 differs: a real bf16 run
+
+
+def test_compiled_or_captured_step_runs_the_bf16_copy(monkeypatch):
+    """make_step_fn hands the bf16 copy's step to torch.compile (and to graph capture) under
+    --amp, and the model's own step otherwise."""
+    seen = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: seen.append(fn.__self__) or fn)
+    model = VAE_Model(*TINY).eval()
+    cpu = torch.device("cpu")
+    for amp in (True, False):
+        make_step_fn(model, Speed(cpu, amp, False, False, False, True, compile_gen=True), "sample", None)
+    assert seen[0] is not model and seen[0].Generator[-1].weight.dtype == torch.bfloat16
+    assert seen[1] is model
