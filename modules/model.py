@@ -32,7 +32,23 @@ def build_model(a):
     stored in a checkpoint. Options missing from older checkpoints take their defaults."""
     return VAE_Model(a["F_dim"], a["L_dim"], a["N_dim"], a["D_out_dim"], prior=a.get("prior") or "fixed",
                      residual=bool(a.get("residual")), condition=a.get("condition") or "previous",
-                     first_pose=bool(a.get("first_pose")))
+                     first_pose=bool(a.get("first_pose")), warp=bool(a.get("warp")))
+
+
+def warp(img, flow):
+    """img (B, C, H, W) read at every pixel's position moved by flow (B, 2, H, W), in pixels (x
+    right, y down), bilinearly, edges repeated outside the frame. Zero flow returns img. In
+    float32 whatever the autocast dtype: bfloat16 coordinates would round to a quarter pixel near the
+    right edge of a 64-pixel frame."""
+    B, _, H, W = img.shape
+    y, x = torch.meshgrid(torch.arange(H, device=img.device, dtype=torch.float32),
+                          torch.arange(W, device=img.device, dtype=torch.float32), indexing="ij")
+    flow = flow.float()
+    # grid_sample's coordinates: -1 and 1 are the outer edges of the corner pixels (align_corners=False).
+    gx = (x + flow[:, 0] + 0.5) * (2.0 / W) - 1.0
+    gy = (y + flow[:, 1] + 0.5) * (2.0 / H) - 1.0
+    return F.grid_sample(img.float(), torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border",
+                         align_corners=False)
 
 
 def _flat(x):
@@ -69,10 +85,17 @@ class VAE_Model(nn.Module):
     uses) enter x_0's features through one more module, `pose_fusion`, a 1x1 convolution that
     starts at zero (so the untrained model is the one without it). Without it the model must find
     the dancer in x_0 by itself before it can move the appearance to pose t and paint the old place
-    out, and with few training videos it learns their dancers by heart instead (docs/RESULTS.md)."""
+    out, and with few training videos it learns their dancers by heart instead (docs/RESULTS.md).
+
+    warp=True (not the lab's; needs residual=True) moves the frame the change is added to: one more
+    module, `flow`, a 3x3 convolution on the Decoder_Fusion output starting at zero, predicts a
+    displacement per pixel, and x_t = warp(x_prev, flow) + G(...). A warp carries the first frame's
+    pixels, colours and all, to where the pose puts them, and can pull wall over the place the
+    dancer left; the Generator is left the corrections. Zero flow is the copy, so the untrained
+    model is the one without it."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
-                 condition="previous", first_pose=False):
+                 condition="previous", first_pose=False, warp=False):
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
@@ -81,6 +104,8 @@ class VAE_Model(nn.Module):
         if first_pose and condition != "first":
             raise ValueError("first_pose needs condition='first' (the lab's recurrence conditions on "
                              "the previous frame)")
+        if warp and not residual:
+            raise ValueError("warp needs residual=True (the Generator's output is a change to the warped frame)")
         self.N_dim, self.prior_type, self.residual, self.condition = N_dim, prior, residual, condition
         self.frame_transformation = RGB_Encoder(3, F_dim)
         self.label_transformation = Label_Encoder(3, L_dim)
@@ -92,6 +117,10 @@ class VAE_Model(nn.Module):
         if first_pose:
             nn.init.zeros_(self.pose_fusion.weight)
             nn.init.zeros_(self.pose_fusion.bias)
+        self.flow = nn.Conv2d(D_out_dim, 2, 3, padding=1) if warp else None
+        if warp:
+            nn.init.zeros_(self.flow.weight)
+            nn.init.zeros_(self.flow.bias)
         if residual:
             nn.init.zeros_(self.Generator[-1].weight)
             nn.init.zeros_(self.Generator[-1].bias)
@@ -161,6 +190,8 @@ class VAE_Model(nn.Module):
         previous frame itself, is used only by the residual option."""
         fused = self.Decoder_Fusion(prev_feat, label_feat, z)
         out = self.Generator(fused)
+        if self.flow is not None:
+            prev_img = warp(prev_img, self.flow(fused))
         return prev_img + out if self.residual else out
 
     def _frame_terms(self, prev_feat, prev_img, feat, label_feat, eps):

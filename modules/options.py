@@ -4,7 +4,7 @@ import argparse
 import os
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
-MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose")
+MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose", "warp")
 KL_TYPES = ("Cyclical", "Monotonic", "Full_KL", "None")
 TF_MODES = ("epoch", "step", "frame")
 SCHEDULERS = ("multistep", "step", "cosine", "none")
@@ -50,6 +50,10 @@ def common_parser():
                    help="not the lab's, needs --condition first: the first frame's pose features join "
                         "its frame features (a 1x1 convolution starting at zero), so the model is told "
                         "where the dancer stands in the frame it copies from (docs/RESULTS.md)")
+    g.add_argument("--warp", action="store_true",
+                   help="not the lab's, needs --residual: the change is added to the frame it is generated "
+                        "from warped by a flow the model predicts (a 3x3 convolution starting at zero), "
+                        "which moves that frame's pixels to the new pose (docs/RESULTS.md)")
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     g.add_argument("--gpu", type=int, default=1,
@@ -197,6 +201,8 @@ def check_model(args):
     if args.first_pose and args.condition != "first":
         raise ConfigError("--first_pose needs --condition first (the lab's --condition previous generates "
                           "each frame from the previous one)")
+    if args.warp and not args.residual:
+        raise ConfigError("--warp needs --residual (the Generator's output is a change to the warped frame)")
     return args
 
 

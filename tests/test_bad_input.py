@@ -69,6 +69,7 @@ def args_for_tester(dr, ckpt, *extra):
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
     (["--first_frame_from", "video"], "--first_frame_from video needs --condition first"),
     (["--first_pose"], "--first_pose needs --condition first"),
+    (["--warp"], "--warp needs --residual"),
 ])
 def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
     line = error_of(Trainer.main, [*args_for_trainer(trained[0]), *flags, "--save_root", tmp_path / "run"], capsys)
@@ -168,6 +169,7 @@ def test_bad_checkpoint(trained, tmp_path, capsys, main, kind):
     (["--N_dim", "8", "--D_out_dim", "32"], ["--N_dim 8 (checkpoint: 4)", "--D_out_dim 32 (checkpoint: 16)"]),
     (["--prior", "learned"], ["--prior learned (checkpoint: fixed)"]),
     (["--condition", "first", "--first_pose"], ["--first_pose True (checkpoint: False)"]),
+    (["--residual", "--warp"], ["--warp True (checkpoint: False)"]),
 ])
 def test_checkpoint_for_other_dims_names_the_flag(trained, tmp_path, capsys, flags, named):
     dr, good = trained

@@ -4,7 +4,7 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from modules import VAE_Model
-from modules.model import kl_gaussians, kl_standard_normal
+from modules.model import kl_gaussians, kl_standard_normal, warp
 from modules.modules import reparameterize
 from modules.runtime import Speed, make_step_fn, peak_memory_growth, rollout, with_bf16_convs
 
@@ -380,3 +380,58 @@ def test_compiled_or_captured_step_runs_the_bf16_copy(monkeypatch):
         make_step_fn(model, Speed(cpu, amp, False, False, False, True, compile_gen=True), "sample", None)
     assert seen[0] is not model and seen[0].Generator[-1].weight.dtype == torch.bfloat16
     assert seen[1] is model
+
+
+def test_warp_moves_pixels_by_the_flow():
+    """warp reads img at each pixel's position plus the flow, bilinearly, edges repeated."""
+    torch.manual_seed(0)
+    img = torch.rand(2, 3, 8, 16)
+    zero = torch.zeros(2, 2, 8, 16)
+    assert torch.equal(warp(img, zero), img)
+    right = zero.clone()
+    right[:, 0] = 1.0  # every pixel reads the one to its right
+    out = warp(img, right)
+    assert torch.equal(out[..., :-1], img[..., 1:])
+    assert torch.equal(out[..., -1], img[..., -1])  # past the edge: the edge pixel
+    half = zero.clone()
+    half[:, 1] = -0.5  # half a pixel up: the mean of the two rows
+    torch.testing.assert_close(warp(img, half)[..., 1:, :], (img[..., 1:, :] + img[..., :-1, :]) / 2)
+
+
+@pytest.mark.parametrize("condition", ["first", "previous"])
+def test_warp_starts_as_the_model_without_it_and_every_path_agrees(condition):
+    """warp: one more module (flow), starting at zero, so the untrained model is the one without it
+    and an untrained residual model still copies. Trained (jittered): the training pass batched and
+    per frame is one function (loss and gradients, the flow's included); the rollouts agree."""
+    torch.manual_seed(0)
+    fresh = VAE_Model(*TINY, residual=True, condition=condition, warp=True)
+    img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
+    eps = torch.randn(2, 5, TINY[2], 32, 64)
+    without = VAE_Model(*TINY, residual=True, condition=condition)
+    assert sorted(set(fresh.state_dict()) - set(without.state_dict())) == ["flow.bias", "flow.weight"]
+    with torch.no_grad():
+        copied = fresh(img, lab, True, eps=eps)["pred"]
+        torch.testing.assert_close(copied, (img[:, :1] if condition == "first" else img[:, :-1]).expand(-1, 5, -1, -1, -1))
+    _, grads = _loss_and_grads(fresh, img, lab, True, eps, fast=True)
+    assert grads["flow.weight"].norm() > 0  # zero flow is where training starts, not where it stays
+
+    model = jitter(VAE_Model(*TINY, residual=True, condition=condition, warp=True))
+    torch.nn.init.normal_(model.Generator[-1].weight, std=0.1)
+    a, ga = _loss_and_grads(model, img, lab, True, eps, fast=True)
+    b, gb = _loss_and_grads(model, img, lab, True, eps, fast=False)
+    torch.testing.assert_close(a["loss"], b["loss"], rtol=1e-5, atol=0)
+    torch.testing.assert_close(a["pred"], b["pred"], rtol=1e-5, atol=1e-6)
+    _assert_grads_close(ga, gb, 1e-5, model)
+    model.eval()
+    noise = model.sample_noise(2, 6, 32, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loop = model.generate(img[:, 0], lab, noise)
+        torch.testing.assert_close(model.generate_plain(img[:, 0], lab, noise), loop, rtol=1e-5, atol=1e-6)
+        fast = rollout(model.to(memory_format=torch.channels_last), img[:, 0], lab, noise,
+                       Speed(torch.device("cpu"), False, True, False, False, True))
+        torch.testing.assert_close(fast, loop, rtol=1e-4, atol=1e-5)
+        model.flow.weight.zero_()
+        model.flow.bias.zero_()
+        assert not torch.allclose(loop, model.generate(img[:, 0], lab, noise))  # the flow moved pixels
+    with pytest.raises(ValueError, match="warp needs residual"):
+        VAE_Model(*TINY, warp=True)
