@@ -168,6 +168,10 @@ def check_common(args):
     _positive(args, MODEL_DIMS + ("frame_H", "frame_W", "num_workers"))
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    for n in ("frame_H", "frame_W"):
+        if getattr(args, n) < 4:  # the label encoder pads by 3 pixels (reflection) on each side
+            raise ConfigError(f"--{n} must be at least 4 (the label encoder's 7x7 reflection padding), "
+                              f"got {getattr(args, n)}")
     # RGB_Encoder and Generator split their width in 8ths, Label_Encoder in halves, the Gaussian
     # predictor in quarters.
     bad = [f"--{n} {getattr(args, n)} is not a multiple of {m}"

@@ -57,6 +57,8 @@ def args_for_tester(dr, ckpt, *extra):
     (["--train_vi_len", "1"], "--train_vi_len must be at least 2"),
     (["--val_vi_len", "0"], "--val_vi_len must be positive, got 0"),
     (["--frame_H", "0"], "--frame_H must be positive, got 0"),
+    (["--frame_H", "3"], "--frame_H must be at least 4"),
+    (["--frame_W", "2"], "--frame_W must be at least 4"),
     (["--F_dim", "0"], "--F_dim must be positive, got 0"),
     (["--N_dim", "-4"], "--N_dim must be positive, got -4"),
     (["--F_dim", "12"], "--F_dim 12 is not a multiple of 8"),
@@ -81,6 +83,7 @@ def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
     (["--test_len", "0"], "--test_len must be positive, got 0"),
     (["--num_samples", "0"], "--num_samples must be positive, got 0"),
     (["--batch_size", "0"], "--batch_size must be positive, got 0"),
+    (["--frame_W", "3"], "--frame_W must be at least 4"),
 ])
 def test_tester_flag_out_of_range(trained, capsys, flags, message):
     assert message in error_of(Tester.main, args_for_tester(*trained, *flags), capsys)
