@@ -68,6 +68,9 @@ def args_for_tester(dr, ckpt, *extra):
     (["--kl_anneal_ratio", "0"], "--kl_anneal_ratio must be positive, got 0"),
     (["--kl_anneal_ratio", "-0.5"], "--kl_anneal_ratio must be positive"),
     (["--partial", "0"], "--partial must lie in (0, 1]"),
+    (["--gamma", "-1"], "--gamma must be positive"),  # was a negative learning rate, silently
+    (["--gamma", "0"], "--gamma must be positive"),
+    (["--scheduler", "cosine", "--min_lr", "5"], "--min_lr 5.0 exceeds --lr 0.001"),  # was lr 3.75, NaN
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
     (["--first_frame_from", "video"], "--first_frame_from video needs --condition first"),
     (["--first_pose"], "--first_pose needs --condition first"),
