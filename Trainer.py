@@ -387,8 +387,10 @@ def _train(args, d, stop):
         d.barrier()
     if writer is not None:
         writer.close()
+        # best.ckpt is written only for a finite val PSNR (a NaN one never beats -inf).
+        best = os.path.join(args.save_root, "best.ckpt")
         print(f"Done. Best val PSNR {best_psnr:.2f} dB. Checkpoints in {args.save_root}; test with:\n"
-              f"  python Tester.py --ckpt_path {os.path.join(args.save_root, 'best.ckpt')}", flush=True)
+              f"  python Tester.py --ckpt_path {best if os.path.isfile(best) else last}", flush=True)
     return 0
 
 
