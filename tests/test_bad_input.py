@@ -205,6 +205,9 @@ def broken_copy(dr, tmp_path, how):
     elif how == "short_test_sequence":
         for i in range(15, 20):
             os.remove(os.path.join(out, "test", "test_label", "1", f"frame{i}.png"))
+    elif how == "interrupted_generation":  # as make_dance_data.py leaves a dataset it did not finish
+        os.remove(os.path.join(out, "dataset.json"))
+        open(os.path.join(out, ".make_dance_data_partial"), "w").close()
     elif how == "corrupt_test_frame":
         with open(os.path.join(out, "test", "test_img", "0", "frame0.png"), "wb") as f:
             f.write(b"not an image")
@@ -217,6 +220,7 @@ def broken_copy(dr, tmp_path, how):
     ("missing_label", [], "{dr}/train/train_img/frame7.png has no label {dr}/train/train_label/frame7.png"),
     ("intact", ["--train_vi_len", "40"], "fewer than one sequence of 40; lower --train_vi_len"),
     ("intact", ["--val_vi_len", "30"], "fewer than one sequence of 30; lower --val_vi_len"),
+    ("interrupted_generation", [], "{dr} is incomplete: scripts/make_dance_data.py was interrupted"),
 ])
 def test_trainer_dataset_problem(trained, tmp_path, capsys, how, extra, message):
     dr = str(tmp_path / "nowhere") if how == "missing_root" else broken_copy(trained[0], tmp_path, how)
@@ -230,6 +234,7 @@ def test_trainer_dataset_problem(trained, tmp_path, capsys, how, extra, message)
     ("short_test_sequence", [], "{dr}/test/test_label/1 holds 15 pose labels but test_len is 20; pass --test_len 15"),
     ("intact", ["--test_len", "30"], "holds 20 pose labels but test_len is 30"),
     ("corrupt_test_frame", [], "cannot read {dr}/test/test_img/0/frame0.png"),
+    ("interrupted_generation", [], "{dr} is incomplete: scripts/make_dance_data.py was interrupted"),
 ])
 def test_tester_dataset_problem(trained, tmp_path, capsys, how, extra, message):
     dr = str(tmp_path / "nowhere") if how == "missing_root" else broken_copy(trained[0], tmp_path, how)
