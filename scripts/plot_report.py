@@ -26,8 +26,15 @@ def load_run(path):
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(metrics):
         return None
+    rows = []
     with open(metrics) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a row cut short: the run was killed, or is writing it right now
+                continue
+            if isinstance(row, dict) and "epoch" in row:
+                rows.append(row)
     if not rows:
         return None
 

@@ -82,3 +82,25 @@ def test_tester_gets_only_the_flags_it_knows():
              "--plain", "--batch_size", "8", "--seed=3"]
     assert run_experiments.tester_share(extra) == ["--DR", "d", "--device", "cpu", "--plain",
                                                   "--batch_size", "8", "--seed=3"]
+
+
+def fake_run(folder, rows, tail=""):
+    """A run folder with the metrics rows given (and `tail` appended as written so far)."""
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write(tail)
+    (folder / "args.json").write_text(json.dumps({"kl_anneal_type": "Monotonic", "tfr": 1.0, "tfr_sde": 10,
+                                                  "tfr_d_step": 0.1, "prior": "fixed"}))
+    return str(folder)
+
+
+def test_plotter_reads_a_run_whose_last_row_is_cut_short(tmp_path, capsys):
+    """A run killed (or still writing) mid-row leaves a partial last line in metrics.jsonl: the
+    plotter uses the whole rows (it stopped with a JSONDecodeError traceback)."""
+    rows = [{"epoch": e, "loss": 0.5 / e, "mse": 0.5 / e, "kl": 1.0, "beta": 1.0, "tfr": 1.0, "val_psnr": 20.0 + e,
+             "val_psnr_per_frame": [20.0, 21.0]} for e in (1, 2)]
+    run = fake_run(tmp_path / "run", rows, tail='{"epoch": 3, "loss": 0.1')
+    assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "results.md").read_text().splitlines()
+    assert table[2].split("|")[6].strip() == "2"  # epochs: the two whole rows
