@@ -56,6 +56,8 @@ def load_run(path):
 def tf_label(args):
     if args.get("tfr", 1.0) == 0:
         return "tfr 0"
+    if not all(k in args for k in ("tfr", "tfr_sde", "tfr_d_step")):
+        return "?"  # no (readable) args.json
     return f"tfr {args.get('tfr'):g}, sde {args.get('tfr_sde')}, step {args.get('tfr_d_step'):g}"
 
 

@@ -104,3 +104,14 @@ def test_plotter_reads_a_run_whose_last_row_is_cut_short(tmp_path, capsys):
     assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
     table = (tmp_path / "report" / "results.md").read_text().splitlines()
     assert table[2].split("|")[6].strip() == "2"  # epochs: the two whole rows
+
+
+def test_plotter_reads_a_run_without_a_readable_args_json(tmp_path):
+    """args.json is rewritten at every (re)start: a run killed then leaves it empty. The plotter
+    labels the unknown settings "?" (it stopped with a TypeError traceback)."""
+    rows = [{"epoch": 1, "loss": 0.5, "mse": 0.5, "kl": 1.0, "beta": 1.0, "tfr": 1.0, "val_psnr": 21.0}]
+    run = fake_run(tmp_path / "run", rows)
+    (tmp_path / "run" / "args.json").write_text("")
+    assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
+    row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
+    assert [c.strip() for c in row.split("|")[1:4]] == ["run", "?", "?"]
