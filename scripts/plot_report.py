@@ -258,7 +258,13 @@ def main(argv=None):
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="save_root folders of Trainer.py runs")
     p.add_argument("--out", default="report", help="folder for the PNGs and results.md")
     args = p.parse_args(argv)
-    for path in make_report(args.run_dirs, args.out):
+    try:
+        written = make_report(args.run_dirs, args.out)
+    except OSError as e:
+        print(f"error: cannot write the report to --out {args.out}: {e.strerror or e}; choose another folder",
+              file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read(), end="")

@@ -316,7 +316,11 @@ def main(argv=None):
             print(shlex.join(trainer_cmd(r, os.path.join(args.out, r.name), args.epochs or "N", extra, False)))
         return 0
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        print(f"error: --out {args.out}: {e.strerror or e}; choose another folder", file=sys.stderr)
+        return 2
     test_extra = shlex.split(args.test_args)
     limit_s = args.minutes * 60 if args.minutes else None
     t0 = time.time()

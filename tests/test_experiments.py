@@ -115,3 +115,16 @@ def test_plotter_reads_a_run_without_a_readable_args_json(tmp_path):
     assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
     row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
     assert [c.strip() for c in row.split("|")[1:4]] == ["run", "?", "?"]
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    """--out naming a file: one line and exit 2 from both scripts (were FileExistsError tracebacks)."""
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    rows = [{"epoch": 1, "loss": 0.5, "mse": 0.5, "kl": 1.0, "beta": 1.0, "tfr": 1.0, "val_psnr": 21.0}]
+    run = fake_run(tmp_path / "run", rows)
+    assert plot_report.main([run, "--out", str(blocked)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot write the report to --out {blocked}")
+    assert run_experiments.main(["--grid", "tiny", "--out", str(blocked), "--epochs", "1"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {blocked}: ")
+
