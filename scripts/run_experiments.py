@@ -317,11 +317,14 @@ def main(argv=None):
         return 0
     out = os.path.abspath(args.out)
     try:
+        test_extra = shlex.split(args.test_args)
+    except ValueError as e:
+        parser.error(f"--test_args {args.test_args!r}: {e}")
+    try:
         os.makedirs(out, exist_ok=True)
     except OSError as e:
         print(f"error: --out {args.out}: {e.strerror or e}; choose another folder", file=sys.stderr)
         return 2
-    test_extra = shlex.split(args.test_args)
     limit_s = args.minutes * 60 if args.minutes else None
     t0 = time.time()
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -128,3 +128,10 @@ def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
     assert run_experiments.main(["--grid", "tiny", "--out", str(blocked), "--epochs", "1"]) == 2
     assert capsys.readouterr().err.startswith(f"error: --out {blocked}: ")
 
+
+def test_runner_test_args_with_an_open_quote_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_experiments.main(["--grid", "tiny", "--out", str(tmp_path / "o"), "--epochs", "1",
+                              "--test_args", '--test_len "60'])
+    assert exit_.value.code == 2
+    assert "--test_args" in capsys.readouterr().err and not (tmp_path / "o").exists()
