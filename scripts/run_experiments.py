@@ -301,7 +301,7 @@ def main(argv=None):
             for r in make():
                 print(f"  {r.name:<22} {shlex.join(to_argv(r.flags)):<80} groups: {','.join(r.groups)}")
         return 0
-    if args.epochs is None and args.minutes is None:
+    if args.epochs is None and args.minutes is None and not args.dry_run:
         parser.error("give a per-run budget: --epochs N and/or --minutes M")
     if (args.epochs is not None and args.epochs < 1) or (args.minutes is not None and args.minutes <= 0):
         parser.error("--epochs and --minutes must be positive")

@@ -135,3 +135,12 @@ def test_runner_test_args_with_an_open_quote_is_a_usage_error(tmp_path, capsys):
                               "--test_args", '--test_len "60'])
     assert exit_.value.code == 2
     assert "--test_args" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_dry_run_needs_no_budget(tmp_path, capsys):
+    """--dry_run prints the commands (num_epoch N without --epochs); it was refused for want of a
+    budget, so the "N" it prints was never reached."""
+    assert run_experiments.main(["--grid", "tiny", "--out", str(tmp_path / "o"), "--dry_run", "--", "--DR", "d"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("--num_epoch N --DR d" in line for line in lines)
+    assert not (tmp_path / "o").exists()
