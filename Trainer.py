@@ -81,6 +81,10 @@ def find_resume_checkpoint(save_root):
 def plan_save_root(args):
     """Decide where the run writes and which checkpoint (if any) it resumes from."""
     if args.resume:
+        if os.path.isfile(args.resume):
+            raise ConfigError(f"--resume {args.resume}: that is a file; --resume takes the run folder "
+                              f"(--resume {os.path.dirname(args.resume) or '.'}), --ckpt_path {args.resume} "
+                              "continues from that checkpoint")
         if not os.path.isdir(args.resume):
             raise ConfigError(f"--resume {args.resume}: no such folder")
         args.save_root = args.resume

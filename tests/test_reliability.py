@@ -405,6 +405,15 @@ def test_existing_save_root_is_never_silently_overwritten(baseline, dr, tmp_path
     assert [r["epoch"] for r in rows(run)] == [1]
 
 
+def test_resume_given_a_checkpoint_file_names_the_right_flag(baseline, capsys):
+    """--resume RUN/last.ckpt was answered 'no such folder' about a file that exists."""
+    last = os.path.join(baseline, "last.ckpt")
+    assert Trainer.main(["--resume", last]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"--resume {last}: that is a file" in line
+    assert f"--resume {baseline})" in line and f"--ckpt_path {last} continues" in line
+
+
 def test_done_line_names_a_checkpoint_that_exists(dr, tmp_path, monkeypatch, capsys):
     """A run whose validation never gave a finite PSNR writes no best.ckpt: the closing line must
     not tell the user to test it (it named best.ckpt, which the Tester then called missing)."""
