@@ -81,6 +81,10 @@ def find_resume_checkpoint(save_root):
 def plan_save_root(args):
     """Decide where the run writes and which checkpoint (if any) it resumes from."""
     if args.resume:
+        if os.path.isfile(args.resume):
+            raise ConfigError(f"--resume {args.resume}: that is a file; --resume takes the run folder "
+                              f"(--resume {os.path.dirname(args.resume) or '.'}), --ckpt_path {args.resume} "
+                              "continues from that checkpoint")
         if not os.path.isdir(args.resume):
             raise ConfigError(f"--resume {args.resume}: no such folder")
         args.save_root = args.resume
@@ -387,8 +391,10 @@ def _train(args, d, stop):
         d.barrier()
     if writer is not None:
         writer.close()
+        # best.ckpt is written only for a finite val PSNR (a NaN one never beats -inf).
+        best = os.path.join(args.save_root, "best.ckpt")
         print(f"Done. Best val PSNR {best_psnr:.2f} dB. Checkpoints in {args.save_root}; test with:\n"
-              f"  python Tester.py --ckpt_path {os.path.join(args.save_root, 'best.ckpt')}", flush=True)
+              f"  python Tester.py --ckpt_path {best if os.path.isfile(best) else last}", flush=True)
     return 0
 
 

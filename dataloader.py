@@ -24,6 +24,8 @@ CACHE_FORMAT = 1  # bump when the decoding changes, so old caches are re-read
 # its support when shrinking, so the downsampling is antialiased.
 RESAMPLE = Image.Resampling.BILINEAR
 MANIFEST = "videos.json"
+# scripts/make_dance_data.py writes these: PARTIAL first, MARKER when the dataset is complete.
+GENERATOR_PARTIAL, GENERATOR_MARKER = ".make_dance_data_partial", "dataset.json"
 
 
 class DataError(ValueError):
@@ -245,6 +247,11 @@ def _root(root):
         raise DataError(f"dataset root {root} not found; create it with "
                         f"`python scripts/make_dance_data.py --out {root}` or point --DR "
                         "at the lab's data")
+    if (os.path.exists(os.path.join(root, GENERATOR_PARTIAL))
+            and not os.path.exists(os.path.join(root, GENERATOR_MARKER))):
+        raise DataError(f"{root} is incomplete: scripts/make_dance_data.py was interrupted while "
+                        f"writing it; write it again with `python scripts/make_dance_data.py --out "
+                        f"{root} --overwrite` (and the flags it was made with)")
     return root
 
 

@@ -172,6 +172,10 @@ def check_common(args):
     _positive(args, MODEL_DIMS + ("frame_H", "frame_W", "num_workers"))
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    for n in ("frame_H", "frame_W"):
+        if getattr(args, n) < 4:  # the label encoder pads by 3 pixels (reflection) on each side
+            raise ConfigError(f"--{n} must be at least 4 (the label encoder's 7x7 reflection padding), "
+                              f"got {getattr(args, n)}")
     # RGB_Encoder and Generator split their width in 8ths, Label_Encoder in halves, the Gaussian
     # predictor in quarters.
     bad = [f"--{n} {getattr(args, n)} is not a multiple of {m}"
@@ -222,6 +226,10 @@ def check_trainer(args):
             raise ConfigError(f"--{n} must lie in (0, 1], got {getattr(args, n)}")
     if args.grad_clip < 0 or args.weight_decay < 0 or args.tfr_sde < 0 or args.min_lr < 0 or args.warmup_epochs < 0:
         raise ConfigError("--grad_clip, --weight_decay, --tfr_sde, --min_lr and --warmup_epochs must be >= 0")
+    if args.gamma <= 0:
+        raise ConfigError(f"--gamma must be positive (the learning rate is multiplied by it), got {args.gamma}")
+    if args.scheduler == "cosine" and args.min_lr > args.lr:
+        raise ConfigError(f"--min_lr {args.min_lr} exceeds --lr {args.lr}: cosine decays from --lr down to --min_lr")
     if args.first_frame_from == "video" and args.condition != "first":
         raise ConfigError("--first_frame_from video needs --condition first (the lab's model "
                           "conditions on the previous frame)")

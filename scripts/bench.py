@@ -223,9 +223,10 @@ def main(argv=None):
                 and args.device.startswith("cuda") and args.cuda_graphs != "off" and not args.plain):
             raise ConfigError(f"--compile_mode {args.compile_mode} captures CUDA graphs itself, and the generation "
                               "step is captured already: use default or max-autotune-no-cudagraphs with --compile_gen")
-        for k in ("steps", "rounds", "gen_len", "gen_seqs"):
-            if getattr(args, k) < (2 if k == "gen_len" else 1):
-                raise ConfigError(f"--{k} must be at least {2 if k == 'gen_len' else 1}, got {getattr(args, k)}")
+        for k in ("steps", "rounds", "gen_len", "gen_seqs", "batch_size", "train_vi_len"):
+            least = 2 if k in ("gen_len", "train_vi_len") else 1
+            if getattr(args, k) < least:
+                raise ConfigError(f"--{k} must be at least {least}, got {getattr(args, k)}")
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -852,6 +852,11 @@ def main(argv=None):
     except (DataError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        where = (f"; {args.out} is incomplete: run the same command with --overwrite to write it again"
+                 if args.out and not dataset_ready(args.out) else "")
+        print(f"error: interrupted{where}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -26,8 +26,15 @@ def load_run(path):
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.isfile(metrics):
         return None
+    rows = []
     with open(metrics) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:  # a row cut short: the run was killed, or is writing it right now
+                continue
+            if isinstance(row, dict) and "epoch" in row:
+                rows.append(row)
     if not rows:
         return None
 
@@ -49,6 +56,8 @@ def load_run(path):
 def tf_label(args):
     if args.get("tfr", 1.0) == 0:
         return "tfr 0"
+    if not all(k in args for k in ("tfr", "tfr_sde", "tfr_d_step")):
+        return "?"  # no (readable) args.json
     return f"tfr {args.get('tfr'):g}, sde {args.get('tfr_sde')}, step {args.get('tfr_d_step'):g}"
 
 
@@ -249,7 +258,13 @@ def main(argv=None):
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="save_root folders of Trainer.py runs")
     p.add_argument("--out", default="report", help="folder for the PNGs and results.md")
     args = p.parse_args(argv)
-    for path in make_report(args.run_dirs, args.out):
+    try:
+        written = make_report(args.run_dirs, args.out)
+    except OSError as e:
+        print(f"error: cannot write the report to --out {args.out}: {e.strerror or e}; choose another folder",
+              file=sys.stderr)
+        return 2
+    for path in written:
         print(path)
     with open(os.path.join(args.out, "results.md")) as f:
         print(f.read(), end="")

@@ -301,7 +301,7 @@ def main(argv=None):
             for r in make():
                 print(f"  {r.name:<22} {shlex.join(to_argv(r.flags)):<80} groups: {','.join(r.groups)}")
         return 0
-    if args.epochs is None and args.minutes is None:
+    if args.epochs is None and args.minutes is None and not args.dry_run:
         parser.error("give a per-run budget: --epochs N and/or --minutes M")
     if (args.epochs is not None and args.epochs < 1) or (args.minutes is not None and args.minutes <= 0):
         parser.error("--epochs and --minutes must be positive")
@@ -316,8 +316,15 @@ def main(argv=None):
             print(shlex.join(trainer_cmd(r, os.path.join(args.out, r.name), args.epochs or "N", extra, False)))
         return 0
     out = os.path.abspath(args.out)
-    os.makedirs(out, exist_ok=True)
-    test_extra = shlex.split(args.test_args)
+    try:
+        test_extra = shlex.split(args.test_args)
+    except ValueError as e:
+        parser.error(f"--test_args {args.test_args!r}: {e}")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        print(f"error: --out {args.out}: {e.strerror or e}; choose another folder", file=sys.stderr)
+        return 2
     limit_s = args.minutes * 60 if args.minutes else None
     t0 = time.time()
     previous = signal.signal(signal.SIGTERM, _interrupt)

@@ -57,6 +57,8 @@ def args_for_tester(dr, ckpt, *extra):
     (["--train_vi_len", "1"], "--train_vi_len must be at least 2"),
     (["--val_vi_len", "0"], "--val_vi_len must be positive, got 0"),
     (["--frame_H", "0"], "--frame_H must be positive, got 0"),
+    (["--frame_H", "3"], "--frame_H must be at least 4"),
+    (["--frame_W", "2"], "--frame_W must be at least 4"),
     (["--F_dim", "0"], "--F_dim must be positive, got 0"),
     (["--N_dim", "-4"], "--N_dim must be positive, got -4"),
     (["--F_dim", "12"], "--F_dim 12 is not a multiple of 8"),
@@ -66,6 +68,9 @@ def args_for_tester(dr, ckpt, *extra):
     (["--kl_anneal_ratio", "0"], "--kl_anneal_ratio must be positive, got 0"),
     (["--kl_anneal_ratio", "-0.5"], "--kl_anneal_ratio must be positive"),
     (["--partial", "0"], "--partial must lie in (0, 1]"),
+    (["--gamma", "-1"], "--gamma must be positive"),  # was a negative learning rate, silently
+    (["--gamma", "0"], "--gamma must be positive"),
+    (["--scheduler", "cosine", "--min_lr", "5"], "--min_lr 5.0 exceeds --lr 0.001"),  # was lr 3.75, NaN
     (["--device", "tpu"], "--device must be cpu, cuda or cuda:N, got 'tpu'"),
     (["--first_frame_from", "video"], "--first_frame_from video needs --condition first"),
     (["--first_pose"], "--first_pose needs --condition first"),
@@ -82,6 +87,7 @@ def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
     (["--test_len", "0"], "--test_len must be positive, got 0"),
     (["--num_samples", "0"], "--num_samples must be positive, got 0"),
     (["--batch_size", "0"], "--batch_size must be positive, got 0"),
+    (["--frame_W", "3"], "--frame_W must be at least 4"),
 ])
 def test_tester_flag_out_of_range(trained, capsys, flags, message):
     assert message in error_of(Tester.main, args_for_tester(*trained, *flags), capsys)
@@ -201,6 +207,9 @@ def broken_copy(dr, tmp_path, how):
     elif how == "short_test_sequence":
         for i in range(15, 20):
             os.remove(os.path.join(out, "test", "test_label", "1", f"frame{i}.png"))
+    elif how == "interrupted_generation":  # as make_dance_data.py leaves a dataset it did not finish
+        os.remove(os.path.join(out, "dataset.json"))
+        open(os.path.join(out, ".make_dance_data_partial"), "w").close()
     elif how == "corrupt_test_frame":
         with open(os.path.join(out, "test", "test_img", "0", "frame0.png"), "wb") as f:
             f.write(b"not an image")
@@ -213,6 +222,7 @@ def broken_copy(dr, tmp_path, how):
     ("missing_label", [], "{dr}/train/train_img/frame7.png has no label {dr}/train/train_label/frame7.png"),
     ("intact", ["--train_vi_len", "40"], "fewer than one sequence of 40; lower --train_vi_len"),
     ("intact", ["--val_vi_len", "30"], "fewer than one sequence of 30; lower --val_vi_len"),
+    ("interrupted_generation", [], "{dr} is incomplete: scripts/make_dance_data.py was interrupted"),
 ])
 def test_trainer_dataset_problem(trained, tmp_path, capsys, how, extra, message):
     dr = str(tmp_path / "nowhere") if how == "missing_root" else broken_copy(trained[0], tmp_path, how)
@@ -226,6 +236,7 @@ def test_trainer_dataset_problem(trained, tmp_path, capsys, how, extra, message)
     ("short_test_sequence", [], "{dr}/test/test_label/1 holds 15 pose labels but test_len is 20; pass --test_len 15"),
     ("intact", ["--test_len", "30"], "holds 20 pose labels but test_len is 30"),
     ("corrupt_test_frame", [], "cannot read {dr}/test/test_img/0/frame0.png"),
+    ("interrupted_generation", [], "{dr} is incomplete: scripts/make_dance_data.py was interrupted"),
 ])
 def test_tester_dataset_problem(trained, tmp_path, capsys, how, extra, message):
     dr = str(tmp_path / "nowhere") if how == "missing_root" else broken_copy(trained[0], tmp_path, how)

@@ -142,6 +142,20 @@ def test_bench_json(capsys):
     assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
+    (["--batch_size", "-1"], "--batch_size must be at least 1, got -1"),
+    (["--train_vi_len", "1"], "--train_vi_len must be at least 2, got 1"),
+])
+def test_bench_sizes_out_of_range(capsys, flags, message):
+    """Refused with one line before any work (were a ZeroDivisionError or a tensor error traceback)."""
+    from scripts import bench
+    assert bench.main(["--device", "cpu", *TINY[:8], "--steps", "1", "--warmup", "0", "--gen_len", "4",
+                       "--skip_eager", *flags]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"error: {message}" in err
+
+
 def test_bench_out_of_memory_names_the_fix(capsys, monkeypatch):
     from scripts import bench
 

@@ -82,3 +82,65 @@ def test_tester_gets_only_the_flags_it_knows():
              "--plain", "--batch_size", "8", "--seed=3"]
     assert run_experiments.tester_share(extra) == ["--DR", "d", "--device", "cpu", "--plain",
                                                   "--batch_size", "8", "--seed=3"]
+
+
+def fake_run(folder, rows, tail=""):
+    """A run folder with the metrics rows given (and `tail` appended as written so far)."""
+    folder.mkdir(parents=True)
+    with open(folder / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+        f.write(tail)
+    (folder / "args.json").write_text(json.dumps({"kl_anneal_type": "Monotonic", "tfr": 1.0, "tfr_sde": 10,
+                                                  "tfr_d_step": 0.1, "prior": "fixed"}))
+    return str(folder)
+
+
+def test_plotter_reads_a_run_whose_last_row_is_cut_short(tmp_path, capsys):
+    """A run killed (or still writing) mid-row leaves a partial last line in metrics.jsonl: the
+    plotter uses the whole rows (it stopped with a JSONDecodeError traceback)."""
+    rows = [{"epoch": e, "loss": 0.5 / e, "mse": 0.5 / e, "kl": 1.0, "beta": 1.0, "tfr": 1.0, "val_psnr": 20.0 + e,
+             "val_psnr_per_frame": [20.0, 21.0]} for e in (1, 2)]
+    run = fake_run(tmp_path / "run", rows, tail='{"epoch": 3, "loss": 0.1')
+    assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
+    table = (tmp_path / "report" / "results.md").read_text().splitlines()
+    assert table[2].split("|")[6].strip() == "2"  # epochs: the two whole rows
+
+
+def test_plotter_reads_a_run_without_a_readable_args_json(tmp_path):
+    """args.json is rewritten at every (re)start: a run killed then leaves it empty. The plotter
+    labels the unknown settings "?" (it stopped with a TypeError traceback)."""
+    rows = [{"epoch": 1, "loss": 0.5, "mse": 0.5, "kl": 1.0, "beta": 1.0, "tfr": 1.0, "val_psnr": 21.0}]
+    run = fake_run(tmp_path / "run", rows)
+    (tmp_path / "run" / "args.json").write_text("")
+    assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
+    row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
+    assert [c.strip() for c in row.split("|")[1:4]] == ["run", "?", "?"]
+
+
+def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
+    """--out naming a file: one line and exit 2 from both scripts (were FileExistsError tracebacks)."""
+    blocked = tmp_path / "a_file"
+    blocked.write_text("")
+    rows = [{"epoch": 1, "loss": 0.5, "mse": 0.5, "kl": 1.0, "beta": 1.0, "tfr": 1.0, "val_psnr": 21.0}]
+    run = fake_run(tmp_path / "run", rows)
+    assert plot_report.main([run, "--out", str(blocked)]) == 2
+    assert capsys.readouterr().err.startswith(f"error: cannot write the report to --out {blocked}")
+    assert run_experiments.main(["--grid", "tiny", "--out", str(blocked), "--epochs", "1"]) == 2
+    assert capsys.readouterr().err.startswith(f"error: --out {blocked}: ")
+
+
+def test_runner_test_args_with_an_open_quote_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        run_experiments.main(["--grid", "tiny", "--out", str(tmp_path / "o"), "--epochs", "1",
+                              "--test_args", '--test_len "60'])
+    assert exit_.value.code == 2
+    assert "--test_args" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
+def test_dry_run_needs_no_budget(tmp_path, capsys):
+    """--dry_run prints the commands (num_epoch N without --epochs); it was refused for want of a
+    budget, so the "N" it prints was never reached."""
+    assert run_experiments.main(["--grid", "tiny", "--out", str(tmp_path / "o"), "--dry_run", "--", "--DR", "d"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and all("--num_epoch N --DR d" in line for line in lines)
+    assert not (tmp_path / "o").exists()

@@ -153,6 +153,29 @@ def test_main_refuses_to_overwrite(tmp_path, capsys):
     assert (foreign / "train" / "train_img" / "frame0.png").exists()
 
 
+def test_ctrl_c_is_one_line_naming_the_fix(tmp_path, monkeypatch, capsys):
+    """Ctrl-C mid-render (was a KeyboardInterrupt traceback): one line, exit 130, and the command
+    that writes the dataset again."""
+    args = ["--out", str(tmp_path / "o"), "--train_frames", "16", "--val_frames", "4", "--test_seqs", "1",
+            "--test_len", "4", "--height", "32", "--width", "64", "--unseen_seqs", "0", "--quiet"]
+    real = mdd._render_chunk
+    calls = []
+
+    def interrupted(task):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(task)
+
+    monkeypatch.setattr(mdd, "_render_chunk", interrupted)
+    assert mdd.main(args) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert err.startswith(f"error: interrupted; {tmp_path / 'o'} is incomplete") and "--overwrite" in err
+    monkeypatch.undo()
+    assert mdd.main(args + ["--overwrite"]) == 0 and mdd.dataset_ready(tmp_path / "o")
+
+
 def test_preview(tmp_path, capsys):
     out = tmp_path / "strip.png"
     assert mdd.main(["--preview", str(out), "--height", "32", "--width", "64"]) == 0

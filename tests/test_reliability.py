@@ -405,6 +405,31 @@ def test_existing_save_root_is_never_silently_overwritten(baseline, dr, tmp_path
     assert [r["epoch"] for r in rows(run)] == [1]
 
 
+def test_resume_given_a_checkpoint_file_names_the_right_flag(baseline, capsys):
+    """--resume RUN/last.ckpt was answered 'no such folder' about a file that exists."""
+    last = os.path.join(baseline, "last.ckpt")
+    assert Trainer.main(["--resume", last]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"--resume {last}: that is a file" in line
+    assert f"--resume {baseline})" in line and f"--ckpt_path {last} continues" in line
+
+
+def test_done_line_names_a_checkpoint_that_exists(dr, tmp_path, monkeypatch, capsys):
+    """A run whose validation never gave a finite PSNR writes no best.ckpt: the closing line must
+    not tell the user to test it (it named best.ckpt, which the Tester then called missing)."""
+    real = Trainer.validate
+
+    def nan_psnr(*a, **kw):
+        return dict(real(*a, **kw), psnr=float("nan"))
+
+    monkeypatch.setattr(Trainer, "validate", nan_psnr)
+    run = str(tmp_path / "run")
+    assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "1", "--save_root", run]) == 0
+    command = re.search(r"python Tester.py --ckpt_path (\S+)", capsys.readouterr().out).group(1)
+    assert not os.path.exists(os.path.join(run, "best.ckpt"))
+    assert command == os.path.join(run, "last.ckpt")
+
+
 def test_new_run_folders_never_collide(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(Trainer.time, "strftime", lambda fmt: "20250101-120000")
