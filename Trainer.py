@@ -26,6 +26,7 @@ from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_
 from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed
 from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side
+from scripts.run_experiments import write_json
 
 DEFAULT_DR = "data/dance"
 
@@ -298,8 +299,7 @@ def _train(args, d, stop):
     if d.is_main:
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(args.save_root)
-        with open(os.path.join(args.save_root, "args.json"), "w") as f:
-            json.dump(plain_args(args), f, indent=1)
+        write_json(os.path.join(args.save_root, "args.json"), plain_args(args))  # atomic: a crash keeps the old one
         print(f"Training on {speed.device} ({d.world_size} process(es)), amp={speed.amp}, "
               f"channels_last={speed.channels_last}, compile={speed.compile}; "
               f"{len(train_set)} windows of {args.train_vi_len} frames; writing to {args.save_root}", flush=True)

@@ -105,10 +105,19 @@ def read_json(path, default=None):
 
 
 def write_json(path, obj):
+    """Atomically (temporary file + rename): a crash or a full disk leaves the previous file whole,
+    and no temporary file behind."""
     tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def epochs_done(save_root):

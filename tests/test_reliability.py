@@ -373,6 +373,27 @@ def test_failed_checkpoint_write_keeps_earlier_checkpoints(baseline, tmp_path, m
         load_checkpoint(os.path.join(run, name))
 
 
+def test_args_json_is_rewritten_atomically(dr, tmp_path, monkeypatch, capsys):
+    """A start that dies while writing args.json (here the disk fills up halfway through it)
+    leaves the previous args.json whole, and no temporary file (it was truncated in place)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.json").write_text('{"old": 1}')
+    real_dump = json.dump
+
+    def dump(obj, f, *a, **kw):
+        if "args.json" in str(getattr(f, "name", "")):
+            f.write('{"lr": ')
+            f.flush()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_dump(obj, f, *a, **kw)
+    monkeypatch.setattr(json, "dump", dump)
+    assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "1", "--save_root", str(run)]) == 2
+    assert os.strerror(errno.ENOSPC) in error_line(capsys.readouterr().err)
+    assert json.loads((run / "args.json").read_text()) == {"old": 1}
+    assert not [n for n in os.listdir(run) if ".tmp" in n]
+
+
 def test_unwritable_save_root_is_refused_before_any_work(baseline, dr, tmp_path, capsys):
     # Under a regular file no one can create a folder, root included (chmod does not stop root).
     blocked = tmp_path / "a_file"
