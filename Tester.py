@@ -24,7 +24,27 @@ from modules.runtime import prepare_model, resolve_speed, rollout, to_float
 from modules.visualize import save_gif, save_psnr_plot, save_strip
 
 
-def write_submission(path, videos):
+def write_output(path, write, written):
+    """write(tmp) to a temporary file beside `path`, then rename it to `path`: Ctrl-C or a full
+    disk never leaves a half-written file or a temporary one (the previous run's file stays
+    whole). `written` collects the paths written, for the line an interruption prints."""
+    stem, ext = os.path.splitext(path)
+    tmp = f"{stem}.tmp{ext}"  # the extension tells imageio, matplotlib and PIL the format
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        if isinstance(e, OSError):  # name the file, not its temporary
+            raise OSError(e.errno, e.strerror or str(e), path) from None
+        raise
+    written.append(path)
+
+
+def write_submission(path, videos, written):
     """The course's Kaggle format: a header `id,0,...,6143`, then one row per frame (sequences in
     order, row 0 of each the given first frame): id, then round(x * 255) of the (3, H, W) frame
     flattened in C order."""
@@ -32,9 +52,8 @@ def write_submission(path, videos):
     rows = rows.numpy().astype(np.int64)
     table = np.concatenate([np.arange(len(rows))[:, None], rows], axis=1)
     header = "id," + ",".join(str(i) for i in range(rows.shape[1]))
-    tmp = f"{path}.tmp"
-    np.savetxt(tmp, table, fmt="%d", delimiter=",", header=header, comments="")
-    os.replace(tmp, path)
+    write_output(path, lambda tmp: np.savetxt(tmp, table, fmt="%d", delimiter=",", header=header, comments=""),
+                 written)
     return table.shape
 
 
@@ -50,7 +69,9 @@ def load_model(path, args):
     return model.eval(), margs
 
 
-def run(args):
+def run(args, written=None):
+    """`written` (a list) collects the outputs written, for main()'s line on an interruption."""
+    written = [] if written is None else written
     speed = resolve_speed(args)
     model, margs = load_model(args.ckpt_path, args)
     prepare_model(model, speed)
@@ -91,16 +112,18 @@ def run(args):
     print(f"Generated {len(jobs) * (L - 1)} frames in {gen_s:.2f} s ({len(jobs) * (L - 1) / gen_s:.0f} frames/s)")
 
     videos = [preds[(k, 0)] for k in range(len(seqs))]
-    shape = write_submission(os.path.join(save_root, "submission.csv"), videos)
+    shape = write_submission(os.path.join(save_root, "submission.csv"), videos, written)
     if not args.no_gif:
         for k, seq in enumerate(seqs):
-            save_gif(videos[k], os.path.join(save_root, f"pred_seq{seq['name']}.gif"))
-            save_gif(seq["labels"].float() / 255, os.path.join(save_root, f"pose_seq{seq['name']}.gif"))
+            write_output(os.path.join(save_root, f"pred_seq{seq['name']}.gif"),
+                         lambda p: save_gif(videos[k], p), written)
+            write_output(os.path.join(save_root, f"pose_seq{seq['name']}.gif"),
+                         lambda p: save_gif(seq["labels"].float() / 255, p), written)
             rows = {"pose": seq["labels"].float() / 255}
             if seq["gt"] is not None:
                 rows["truth"] = seq["gt"].float() / 255
             rows["predicted"] = videos[k]
-            save_strip(rows, os.path.join(save_root, f"strip_seq{seq['name']}.png"))
+            write_output(os.path.join(save_root, f"strip_seq{seq['name']}.png"), lambda p: save_strip(rows, p), written)
 
     results = {"sequences": [], "generation_s": gen_s, "args": {k: v for k, v in vars(args).items()
                                                                  if isinstance(v, (int, float, str, bool, type(None)))}}
@@ -134,26 +157,42 @@ def run(args):
               f"(copy-first: {results['copy_first_first_frames']:.3f}, {results['copy_first_last_frames']:.3f})")
         if K > 1:
             print("(best-of-K picks the sample closest to the truth: an oracle metric, not a prediction score)")
-        save_psnr_plot(curves, os.path.join(save_root, "psnr_per_frame.png"), "Test PSNR per frame")
-    with open(os.path.join(save_root, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+        write_output(os.path.join(save_root, "psnr_per_frame.png"),
+                     lambda p: save_psnr_plot(curves, p, "Test PSNR per frame"), written)
+
+    def dump(p):
+        with open(p, "w") as f:
+            json.dump(results, f, indent=1)
+    write_output(os.path.join(save_root, "results.json"), dump, written)
     print(f"\nWrote {save_root}/submission.csv ({shape[0]} rows x {shape[1]} columns)"
           + ("" if args.no_gif else ", pred_seq*.gif and strip_seq*.png"), flush=True)
     return 0
 
 
+def what_was_written(written):
+    """'nothing written', or which files of the output folder this run wrote before it stopped."""
+    if not written:
+        return "nothing written"
+    return (f"wrote only {', '.join(os.path.basename(p) for p in written)} in {os.path.dirname(written[0])} "
+            "(the rest is missing: run it again)")
+
+
 def main(argv=None):
     args = tester_parser().parse_args(argv)
+    written = []
     try:
         check_tester(args)
-        return run(args)
+        return run(args, written)
     except (ConfigError, DataError, CheckpointError, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk filled up, or the output folder vanished or turned read-only
-        print(f"error: {e.filename or args.save_root}: {e.strerror or e}; free space or choose another "
-              "--save_root", file=sys.stderr)
+        print(f"error: {e.filename or args.save_root or 'output'}: {e.strerror or e}; free space or choose another "
+              f"--save_root ({what_was_written(written)})", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; {what_was_written(written)}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

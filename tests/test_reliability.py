@@ -336,6 +336,62 @@ def test_out_of_memory_in_the_tester_names_the_fix(baseline, dr, tmp_path, monke
     assert "can't allocate memory" in line
 
 
+@pytest.fixture
+def tester_run(dr, tmp_path):
+    """Tester arguments for an untrained model's checkpoint, into tmp_path/out."""
+    from modules.checkpoint import save_checkpoint
+    ckpt = str(tmp_path / "m.ckpt")
+    save_checkpoint(ckpt, {"model": VAE_Model(16, 8, 4, 16).state_dict()})
+    out = tmp_path / "out"
+    return out, ["--ckpt_path", ckpt, "--DR", dr, "--test_len", "20", "--device", "cpu", "--save_root", str(out)]
+
+
+def test_ctrl_c_in_the_tester_says_what_was_written(tester_run, monkeypatch, capsys):
+    """Ctrl-C was a traceback. Now one line naming what was written by then, exit code 130, and
+    no half-written or temporary file (the previous run's file that was being replaced is whole)."""
+    out, argv = tester_run
+    out.mkdir()
+    (out / "pose_seq0.gif").write_bytes(b"the previous run's")
+    real, calls = Tester.save_gif, []
+
+    def save_gif(frames, path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:  # pose_seq0.gif, after submission.csv and pred_seq0.gif
+            with open(path, "wb") as f:
+                f.write(b"GIF89a half")
+            raise KeyboardInterrupt
+        return real(frames, path, *a, **kw)
+    monkeypatch.setattr(Tester, "save_gif", save_gif)
+    assert Tester.main(argv) == 130
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: interrupted; wrote only submission.csv, pred_seq0.gif in {out} "), line
+    assert sorted(os.listdir(out)) == ["pose_seq0.gif", "pred_seq0.gif", "submission.csv"]
+    assert (out / "pose_seq0.gif").read_bytes() == b"the previous run's"
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Tester, "rollout", interrupted)
+    assert Tester.main(argv + ["--save_root", str(out / "again")]) == 130
+    assert error_line(capsys.readouterr().err) == "error: interrupted; nothing written"
+
+
+def test_disk_full_in_the_tester_leaves_no_temporary_file(tester_run, monkeypatch, capsys):
+    out, argv = tester_run
+    out.mkdir()
+    (out / "submission.csv").write_text("the previous run's")
+
+    def savetxt(fname, *a, **kw):
+        with open(fname, "w") as f:
+            f.write("id,0,1")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(Tester.np, "savetxt", savetxt)
+    assert Tester.main(argv) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: {out / 'submission.csv'}: {os.strerror(errno.ENOSPC)}; free space"), line
+    assert line.endswith("(nothing written)")
+    assert os.listdir(out) == ["submission.csv"] and (out / "submission.csv").read_text() == "the previous run's"
+
+
 # ----------------------------------------------------------------------------- disk, folders
 
 @pytest.mark.parametrize("fault", ["disk full mid-write", "folder turned read-only"])
