@@ -10,6 +10,7 @@
 import glob
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -102,6 +103,25 @@ def plan_save_root(args):
         raise ConfigError(f"--save_root {args.save_root} already holds checkpoints: resume it with "
                           f"--resume {args.save_root}, choose another --save_root, or pass --overwrite")
     writable_folder(args.save_root)
+
+
+# What a run writes in its save_root that a later run would mistake for its own (best.ckpt above
+# all: the Tester would test the old run's). --overwrite removes these, and only these.
+PREVIOUS_RUN = re.compile(r"(last|best|epoch_\d+)\.ckpt|metrics\.jsonl")
+
+
+def remove_previous_run(args):
+    """--overwrite, for a run that starts at epoch 1: delete the previous run's checkpoints and
+    metrics.jsonl from save_root (never the --ckpt_path this run starts from, nor other files)."""
+    keep = os.path.realpath(args.ckpt_path) if args.ckpt_path else None
+    gone = []
+    for name in sorted(os.listdir(args.save_root)):
+        path = os.path.join(args.save_root, name)
+        if PREVIOUS_RUN.fullmatch(name) and os.path.isfile(path) and os.path.realpath(path) != keep:
+            os.remove(path)
+            gone.append(name)
+    if gone:
+        print(f"--overwrite: removed the previous run's {', '.join(gone)} from {args.save_root}", flush=True)
 
 
 def new_run_folder():
@@ -297,6 +317,8 @@ def _train(args, d, stop):
 
     writer = None
     if d.is_main:
+        if args.overwrite and not args.resume and start_epoch == 0 and progress is None:
+            remove_previous_run(args)
         from torch.utils.tensorboard import SummaryWriter
         writer = SummaryWriter(args.save_root)
         write_json(os.path.join(args.save_root, "args.json"), plain_args(args))  # atomic: a crash keeps the old one

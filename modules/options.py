@@ -108,7 +108,10 @@ def trainer_parser():
     g.add_argument("--resume", type=str, default=None, metavar="SAVE_ROOT",
                    help="resume the run in SAVE_ROOT from its newest checkpoint, with the run's flags "
                         "(flags given here override them)")
-    g.add_argument("--overwrite", action="store_true", help="allow writing into a save_root that has checkpoints")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start a new run in a save_root that has checkpoints: once the data and model are "
+                        "checked, the previous run's last.ckpt, best.ckpt, epoch_N.ckpt and metrics.jsonl "
+                        "there are deleted (other files, TensorBoard event files included, are left)")
     g.add_argument("--grad_ckpt", action="store_true",
                    help="activation checkpointing: keep only each time step's inputs and recompute its "
                         "frames in the backward pass, one time step at a time (about 10x less "

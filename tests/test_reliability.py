@@ -482,6 +482,33 @@ def test_existing_save_root_is_never_silently_overwritten(baseline, dr, tmp_path
     assert [r["epoch"] for r in rows(run)] == [1]
 
 
+def test_overwrite_removes_the_previous_runs_checkpoints(dr, tmp_path, monkeypatch, capsys):
+    """--overwrite left the previous run's best.ckpt beside the new run's: a new run stopped
+    before its first validation left the old best.ckpt, which the Tester would then test. It
+    removes what a run writes there, not the checkpoint it starts from nor the user's files."""
+    from modules.checkpoint import save_checkpoint
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "mine").mkdir()
+    for name in ("epoch_5.ckpt", "last.ckpt", "metrics.jsonl", "notes.txt", "mine.ckpt", "mine/best.ckpt"):
+        (run / name).write_text("the previous run's")
+    save_checkpoint(run / "best.ckpt", {"model": VAE_Model(16, 8, 4, 16).state_dict()})
+
+    def interrupted(*a, **kw):  # the new run is stopped before its first validation
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "train_one_epoch", interrupted)
+    start = ["--DR", dr, *SHORT, "--num_epoch", "1", "--save_root", str(run), "--overwrite"]
+    # Starting from the weights in best.ckpt: that file stays, the rest of the old run goes.
+    assert Trainer.main([*start, "--ckpt_path", str(run / "best.ckpt")]) == 130
+    assert (f"--overwrite: removed the previous run's epoch_5.ckpt, last.ckpt, metrics.jsonl from {run}"
+            in capsys.readouterr().out)
+    assert sorted(n for n in os.listdir(run) if not n.startswith("events.")) == \
+        ["args.json", "best.ckpt", "mine", "mine.ckpt", "notes.txt"]
+    assert Trainer.main(start) == 130
+    assert not (run / "best.ckpt").exists()
+    assert (run / "mine" / "best.ckpt").read_text() == (run / "notes.txt").read_text() == "the previous run's"
+
+
 def test_resume_given_a_checkpoint_file_names_the_right_flag(baseline, capsys):
     """--resume RUN/last.ckpt was answered 'no such folder' about a file that exists."""
     last = os.path.join(baseline, "last.ckpt")
