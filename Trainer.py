@@ -284,6 +284,12 @@ def _train(args, d, stop):
               f"(frames 1..{args.val_vi_len - 1}, z from the prior)")
         return 0
 
+    if ckpt is not None and "optimizer" in ckpt and ckpt.get("format") == FORMAT and ckpt["epoch"] >= args.num_epoch:
+        if d.is_main:  # nothing to train: nothing is written either
+            newest = f" (newest checkpoint {args.ckpt_path})" if args.resume else ""
+            print(f"all {ckpt['epoch']} epochs of {args.resume or args.ckpt_path} are done{newest}; "
+                  f"raise --num_epoch above {ckpt['epoch']} to train more", flush=True)
+        return 0
     train_set = TrainWindows(args.DR, args.frame_H, args.frame_W, video_len=args.train_vi_len,
                              partial=1.0, split="train", cache=cache)
     batches = WindowBatches(train_set, args.batch_size, speed.device, args.seed, d.rank, d.world_size,

@@ -223,7 +223,24 @@ def test_resume_finds_the_newest_checkpoint_without_last_ckpt(baseline, tmp_path
     for epoch in (1, 2):
         shutil.copy2(os.path.join(baseline, f"epoch_{epoch}.ckpt"), run)
     assert Trainer.main(["--resume", run, "--num_epoch", "2"]) == 0  # nothing left to train
-    assert f"Resuming {os.path.join(run, 'epoch_2.ckpt')} at epoch 3" in capsys.readouterr().out
+    assert f"all 2 epochs of {run} are done (newest checkpoint {os.path.join(run, 'epoch_2.ckpt')})" \
+        in capsys.readouterr().out
+
+
+def test_resuming_a_finished_run_says_so_and_writes_nothing(baseline, tmp_path, capsys):
+    """It printed 'Training on ...' then 'Done' (and rewrote args.json, added an event file)."""
+    run = str(tmp_path / "run")
+    shutil.copytree(baseline, run)
+    before = {n: os.path.getmtime(os.path.join(run, n)) for n in os.listdir(run)}
+    for more in ([], ["--num_epoch", "2"]):
+        assert Trainer.main(["--resume", run, *more]) == 0
+        out = capsys.readouterr().out
+        assert out == f"all 3 epochs of {run} are done (newest checkpoint {os.path.join(run, 'last.ckpt')}); " \
+                      "raise --num_epoch above 3 to train more\n"
+    assert {n: os.path.getmtime(os.path.join(run, n)) for n in os.listdir(run)} == before
+    last = os.path.join(run, "last.ckpt")
+    assert Trainer.main(["--ckpt_path", last]) == 0
+    assert capsys.readouterr().out == f"all 3 epochs of {last} are done; raise --num_epoch above 3 to train more\n"
 
 
 # ----------------------------------------------------------------------------- NaN / Inf
