@@ -241,6 +241,10 @@ def run(args):
     d = distributed.setup(args)
     stop = StopRequest(verbose=d.is_main)
     leave_group = True
+    # A run folder made by this run (plan_save_root makes it) is removed again when the run stops
+    # before writing anything in it: a bad --DR must not leave an empty folder behind.
+    made = d.is_main and not args.resume and (
+        not os.path.exists(args.save_root) if args.save_root else not args.ckpt_path)
     try:
         return _train(args, d, stop)
     except OutOfMemory:
@@ -250,6 +254,11 @@ def run(args):
         raise
     finally:
         stop.uninstall()
+        if made and args.save_root and os.path.isdir(args.save_root) and not os.listdir(args.save_root):
+            try:
+                os.rmdir(args.save_root)
+            except OSError:
+                pass
         if leave_group:
             distributed.cleanup(d)
 

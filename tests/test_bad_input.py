@@ -229,6 +229,18 @@ def test_trainer_dataset_problem(trained, tmp_path, capsys, how, extra, message)
     argv = [*args_for_trainer(dr), "--no_cache", *extra, "--save_root", tmp_path / "run"]
     line = error_of(Trainer.main, argv, capsys)
     assert message.format(dr=dr) in line
+    assert not (tmp_path / "run").exists()  # the run folder it made is removed again
+
+
+def test_bad_dataset_leaves_no_empty_run_folder(tmp_path, monkeypatch, capsys):
+    """The Trainer made the run folder before it read the data: a bad --DR left an empty one."""
+    monkeypatch.chdir(tmp_path)
+    nowhere = str(tmp_path / "nowhere")
+    assert "dataset root" in error_of(Trainer.main, args_for_trainer(nowhere), capsys)
+    assert os.listdir(tmp_path / "runs") == []  # no runs/<timestamp>
+    (tmp_path / "mine").mkdir()  # a folder the user made is kept, empty or not
+    assert "dataset root" in error_of(Trainer.main, [*args_for_trainer(nowhere), "--save_root", "mine"], capsys)
+    assert os.listdir(tmp_path / "mine") == []
 
 
 @pytest.mark.parametrize("how, extra, message", [
