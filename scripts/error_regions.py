@@ -39,7 +39,9 @@ def get_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--DR", default="data/dance", help="a dataset written by scripts/make_dance_data.py")
     p.add_argument("--ckpt_path", default=None, help="also split this checkpoint's error")
-    p.add_argument("--test_len", type=int, default=None, help="frames per sequence (default: all)")
+    p.add_argument("--test_len", type=int, default=None,
+                   help="frames per test sequence: must be the dataset's (the test_len it was written with), "
+                        "which is the default; the sequences are analysed whole")
     p.add_argument("--device", default=None, help="as the Tester's (default: cuda when present)")
     p.add_argument("--seed", type=int, default=0, help="the Tester's --seed: the same z")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -84,9 +86,12 @@ def _curve(pred, truth):
 def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
     with open(os.path.join(root, MARKER)) as f:
         made = json.load(f)["args"]
+    if made["test_len"] < 2:  # (checked before plan(), which refuses it as a generator flag)
+        raise DataError(f"{root}: its test sequences have {made['test_len']} frame, and the analysis scores "
+                        "frames 1.. against frame 0; write the data with --test_len 2 or more")
     tests = [v for v in plan(**made)[0] if v["split"] == "test"]
     H, W = 32, 64
-    L = test_len or made["test_len"]
+    L = made["test_len"] if test_len is None else test_len
     seqs = TestSequences(root, H, W, test_len=L, cache=False)
     preds = None
     if ckpt_path:
@@ -140,6 +145,9 @@ def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
 def main(argv=None):
     args = get_parser().parse_args(argv)
     try:
+        if args.test_len is not None and args.test_len < 2:  # 0 was read as "all"
+            raise ConfigError(f"--test_len must be at least 2 (the dataset's length, the default), "
+                              f"got {args.test_len}")
         if not os.path.isfile(os.path.join(args.DR, MARKER)):
             raise DataError(f"{args.DR} has no {MARKER}: this analysis needs data written by "
                             "scripts/make_dance_data.py (it renders the test sequences again)")

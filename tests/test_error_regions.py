@@ -60,3 +60,26 @@ def test_refuses_data_it_cannot_render(tiny_dance, tmp_path, capsys):
     Image.fromarray(a).save(path)
     assert er.main(["--DR", str(dr)]) == 2
     assert "test sequence 1 is not what scripts/make_dance_data.py renders" in capsys.readouterr().err
+
+
+def test_test_len_zero_or_one_frame_is_refused(tiny_dance, tmp_path, capsys):
+    """--test_len 0 was read as "all" (and --help said "default: all", though any length but the
+    dataset's is refused); test sequences of 1 frame printed tables of NaN."""
+    assert "default: all" not in er.get_parser().format_help()
+    for bad in ("0", "-3", "1"):
+        assert er.main(["--DR", str(tiny_dance), "--test_len", bad]) == 2
+        assert capsys.readouterr().err == \
+            f"error: --test_len must be at least 2 (the dataset's length, the default), got {bad}\n"
+    dr = tmp_path / "DR"  # as an older generator, which took --test_len 1, wrote it
+    shutil.copytree(tiny_dance, dr)
+    for k in ("0", "1"):
+        for kind in ("test_gt", "test_label"):
+            for i in range(1, 20):
+                (dr / "test" / kind / k / f"frame{i}.png").unlink()
+    made = json.loads((dr / "dataset.json").read_text())
+    made["args"]["test_len"] = 1
+    (dr / "dataset.json").write_text(json.dumps(made))
+    assert er.main(["--DR", str(dr)]) == 2
+    out = capsys.readouterr()
+    assert "nan" not in out.out and out.err.count("\n") == 1
+    assert out.err.startswith(f"error: {dr}: its test sequences have 1 frame") and "--test_len 2 or more" in out.err
