@@ -629,7 +629,8 @@ def _check(train_frames, val_frames, test_seqs, test_len, height, width, dancers
               (train_frames >= window, f"--train_frames must be at least --window ({window})"),
               (val_frames >= 1, "--val_frames must be at least 1"),
               (test_seqs >= 0 and unseen_seqs >= 0, "--test_seqs/--unseen_seqs must be >= 0"),
-              (test_len >= 1, "--test_len must be at least 1"),
+              (test_len >= 2, "--test_len must be at least 2 (the Tester predicts frames 1.. "
+                              f"from frame 0), got {test_len}"),
               (dancers >= 1 and train_videos >= 1, "--dancers and --train_videos must be >= 1"),
               (unseen_dancers >= 1, "--unseen_dancers must be at least 1"),
               (0 <= motion <= 2, "--motion must be in [0, 2]"),
@@ -797,7 +798,7 @@ def get_args_parser():
                    help="training frames, rounded down to whole windows")
     p.add_argument("--val_frames", type=int, default=630, help="frames of the validation video")
     p.add_argument("--test_seqs", type=int, default=5, help="test sequences")
-    p.add_argument("--test_len", type=int, default=630, help="frames per test sequence")
+    p.add_argument("--test_len", type=int, default=630, help="frames per test sequence (at least 2)")
     p.add_argument("--height", type=int, default=128, help="native render height")
     p.add_argument("--width", type=int, default=256, help="native render width")
     p.add_argument("--dancers", type=int, default=8, help="distinct people in training")

@@ -135,6 +135,17 @@ def test_main_errors_are_one_line(tmp_path, capsys):
     capsys.readouterr()
 
 
+def test_test_len_below_2_is_refused(tmp_path, capsys):
+    """--test_len 1 was accepted, and wrote test sequences the Tester refuses (it needs 2)."""
+    for bad in ("1", "0"):
+        assert mdd.main(["--out", str(tmp_path / "x"), "--train_frames", "16", "--val_frames", "4", "--test_seqs",
+                         "1", "--test_len", bad, "--height", "32", "--width", "64", "--unseen_seqs", "0",
+                         "--quiet"]) == 2
+        assert capsys.readouterr().err == \
+            f"error: --test_len must be at least 2 (the Tester predicts frames 1.. from frame 0), got {bad}\n"
+    assert not (tmp_path / "x").exists()
+
+
 def test_main_refuses_to_overwrite(tmp_path, capsys):
     args = ["--out", str(tmp_path / "o"), "--train_frames", "16", "--val_frames", "4",
             "--test_seqs", "1", "--test_len", "4", "--height", "32", "--width", "64",
