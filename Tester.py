@@ -17,6 +17,7 @@ import torch
 from dataloader import DataError, TestSequences
 from modules.model import build_model
 from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args
+from modules.files import atomic_write
 from modules.engine import OutOfMemory, first_line, is_out_of_memory
 from modules.metrics import drift, psnr, ssim
 from modules.options import ConfigError, check_tester, tester_parser, writable_folder
@@ -25,22 +26,13 @@ from modules.visualize import save_gif, save_psnr_plot, save_strip
 
 
 def write_output(path, write, written):
-    """write(tmp) to a temporary file beside `path`, then rename it to `path`: Ctrl-C or a full
-    disk never leaves a half-written file or a temporary one (the previous run's file stays
-    whole). `written` collects the paths written, for the line an interruption prints."""
-    stem, ext = os.path.splitext(path)
-    tmp = f"{stem}.tmp{ext}"  # the extension tells imageio, matplotlib and PIL the format
+    """write(tmp), then rename to `path` (modules/files.py: Ctrl-C or a full disk leaves the previous
+    file whole and no temporary one); `written` collects the paths written, for the line an
+    interruption prints. An OSError names `path`, not its temporary file."""
     try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):  # name the file, not its temporary
-            raise OSError(e.errno, e.strerror or str(e), path) from None
-        raise
+        atomic_write(path, write, keep_ext=True)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror or str(e), path) from None
     written.append(path)
 
 

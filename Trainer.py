@@ -24,10 +24,10 @@ from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, lo
                                 load_model_weights, rng_state, save_checkpoint, set_rng_state)
 from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, first_line,
                             is_out_of_memory, train_one_epoch, validate)
+from modules.files import atomic_write, write_json
 from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed
 from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side
-from scripts.run_experiments import write_json
 
 DEFAULT_DR = "data/dance"
 
@@ -182,10 +182,10 @@ def trim_metrics(path, epoch):
         except (ValueError, KeyError, TypeError):
             pass
     if len(keep) < len(lines):
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in keep))
-        os.replace(tmp, path)
+        def write(tmp):
+            with open(tmp, "w") as f:
+                f.write("".join(line + "\n" for line in keep))
+        atomic_write(path, write)
         print(f"{path}: dropped {len(lines) - len(keep)} row(s) after epoch {epoch}, which this run does again",
               flush=True)
 

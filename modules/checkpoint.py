@@ -11,6 +11,7 @@ import pickle
 
 import torch
 
+from .files import atomic_write
 from .options import MODEL_ARGS, MODEL_DIMS
 
 FORMAT = "pose-cvae-checkpoint"
@@ -24,23 +25,16 @@ class CheckpointError(ValueError):
 def save_checkpoint(path, state):
     """Atomically write `state` to `path`. Raises CheckpointError (earlier files untouched) when the
     folder is not writable or the disk is full."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = f"{path}.tmp{os.getpid()}"
-    try:
-        os.makedirs(folder, exist_ok=True)
+    def write(tmp):
         with open(tmp, "wb") as f:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        # Also on KeyboardInterrupt (a second Ctrl-C mid-write): never leave a partial file behind.
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        if not isinstance(e, OSError):
-            raise
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        # Also on KeyboardInterrupt (a second Ctrl-C mid-write) no partial file stays behind.
+        atomic_write(path, write)
+    except OSError as e:
         why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise CheckpointError(f"cannot write checkpoint {path}: {why}; free space or choose another "
                               "--save_root (earlier checkpoints are untouched)") from None

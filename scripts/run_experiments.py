@@ -106,7 +106,8 @@ def read_json(path, default=None):
 
 def write_json(path, obj):
     """Atomically (temporary file + rename): a crash or a full disk leaves the previous file whole,
-    and no temporary file behind."""
+    and no temporary file behind. (modules/files.py does the same for the Trainer and Tester; this
+    script and the data generator import nothing of the package, so they keep their own.)"""
     tmp = f"{path}.tmp"
     try:
         with open(tmp, "w") as f:

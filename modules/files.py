@@ -1,0 +1,28 @@
+"""Files written whole or not at all."""
+import json
+import os
+
+
+def atomic_write(path, write, keep_ext=False):
+    """write(tmp) to a temporary file beside `path`, then rename it to `path`: an interruption or a
+    full disk leaves the previous file whole and no temporary file behind (the exception goes on).
+    keep_ext ends the temporary name with path's extension, for writers that pick the format from
+    it (imageio, matplotlib, PIL); a checkpoint's does not end in .ckpt, so a reader never takes it
+    for one."""
+    tmp = f"{path}.tmp{os.getpid()}" + (os.path.splitext(path)[1] if keep_ext else "")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def write_json(path, obj):
+    def dump(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+    atomic_write(path, dump)
