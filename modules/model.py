@@ -19,12 +19,14 @@ CONDITIONS = ("previous", "first")
 
 def kl_standard_normal(mu, logvar):
     """KL(N(mu, exp(logvar)) || N(0, I)), elementwise."""
-    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar)
+    # expm1: exp(logvar) - 1 - logvar in float32 rounds to small negative values near logvar = 0.
+    return 0.5 * (mu.pow(2) + torch.expm1(logvar) - logvar)
 
 
 def kl_gaussians(mu_q, logvar_q, mu_p, logvar_p):
     """KL(N(mu_q, exp(logvar_q)) || N(mu_p, exp(logvar_p))), elementwise (SVG-LP's analytic KL)."""
-    return 0.5 * (logvar_p - logvar_q + (logvar_q.exp() + (mu_q - mu_p).pow(2)) / logvar_p.exp() - 1.0)
+    d = logvar_q - logvar_p
+    return 0.5 * (torch.expm1(d) - d + (mu_q - mu_p).pow(2) / logvar_p.exp())
 
 
 def build_model(a):
