@@ -106,8 +106,10 @@ def plan_save_root(args):
 
 
 # What a run writes in its save_root that a later run would mistake for its own (best.ckpt above
-# all: the Tester would test the old run's). --overwrite removes these, and only these.
-PREVIOUS_RUN = re.compile(r"(last|best|epoch_\d+)\.ckpt|metrics\.jsonl")
+# all: the Tester would test the old run's; old event files mix into TensorBoard's curves).
+# --overwrite removes these, and only these.
+PREVIOUS_RUN = re.compile(r"(last|best|epoch_\d+)\.ckpt|metrics\.jsonl|events\.out\.tfevents\..+"
+                          r"|val_epoch\d+\.gif|val_psnr_epoch\d+\.png")
 
 
 def remove_previous_run(args):

@@ -110,8 +110,9 @@ def trainer_parser():
                         "(flags given here override them)")
     g.add_argument("--overwrite", action="store_true",
                    help="start a new run in a save_root that has checkpoints: once the data and model are "
-                        "checked, the previous run's last.ckpt, best.ckpt, epoch_N.ckpt and metrics.jsonl "
-                        "there are deleted (other files, TensorBoard event files included, are left)")
+                        "checked, the previous run's checkpoints (last, best, epoch_N), metrics.jsonl, "
+                        "TensorBoard event files and validation GIFs/PNGs there are deleted (other files "
+                        "are left)")
     g.add_argument("--grad_ckpt", action="store_true",
                    help="activation checkpointing: keep only each time step's inputs and recompute its "
                         "frames in the backward pass, one time step at a time (about 10x less "

@@ -507,7 +507,8 @@ def test_overwrite_removes_the_previous_runs_checkpoints(dr, tmp_path, monkeypat
     run = tmp_path / "run"
     run.mkdir()
     (run / "mine").mkdir()
-    for name in ("epoch_5.ckpt", "last.ckpt", "metrics.jsonl", "notes.txt", "mine.ckpt", "mine/best.ckpt"):
+    for name in ("epoch_5.ckpt", "last.ckpt", "metrics.jsonl", "events.out.tfevents.1.old", "val_epoch5.gif",
+                 "notes.txt", "mine.ckpt", "mine/best.ckpt"):
         (run / name).write_text("the previous run's")
     save_checkpoint(run / "best.ckpt", {"model": VAE_Model(16, 8, 4, 16).state_dict()})
 
@@ -517,8 +518,9 @@ def test_overwrite_removes_the_previous_runs_checkpoints(dr, tmp_path, monkeypat
     start = ["--DR", dr, *SHORT, "--num_epoch", "1", "--save_root", str(run), "--overwrite"]
     # Starting from the weights in best.ckpt: that file stays, the rest of the old run goes.
     assert Trainer.main([*start, "--ckpt_path", str(run / "best.ckpt")]) == 130
-    assert (f"--overwrite: removed the previous run's epoch_5.ckpt, last.ckpt, metrics.jsonl from {run}"
-            in capsys.readouterr().out)
+    assert (f"--overwrite: removed the previous run's epoch_5.ckpt, events.out.tfevents.1.old, last.ckpt, "
+            f"metrics.jsonl, val_epoch5.gif from {run}" in capsys.readouterr().out)
+    assert not (run / "events.out.tfevents.1.old").exists()
     assert sorted(n for n in os.listdir(run) if not n.startswith("events.")) == \
         ["args.json", "best.ckpt", "mine", "mine.ckpt", "notes.txt"]
     assert Trainer.main(start) == 130
