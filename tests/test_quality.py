@@ -197,7 +197,8 @@ def test_tester_sampling_modes_and_best_of_k(learned_run, capsys):
         assert -1 <= res["ssim"] <= 1
         for seq in res["sequences"]:
             assert len(seq["psnr_per_frame"]) == 19
-            assert seq["best_of_k_psnr"] >= seq["psnr"] - 1e-6  # the best sample is no worse than the mean
+            # The best sample is no worse than the mean (1e-4 dB: float32 rounding of the two averages).
+            assert seq["best_of_k_psnr"] >= seq["psnr"] - 1e-4
     # K samples of the deterministic mode are one rollout; sampled ones differ.
     for seq in results["prior_mean"]["sequences"]:
         assert seq["best_of_k_psnr"] == pytest.approx(seq["psnr"], abs=1e-5)
