@@ -39,17 +39,18 @@ def build_model(a):
 
 def warp(img, flow):
     """img (B, C, H, W) read at every pixel's position moved by flow (B, 2, H, W), in pixels (x
-    right, y down), bilinearly, edges repeated outside the frame. Zero flow returns img. In
-    float32 whatever the autocast dtype: bfloat16 coordinates would round to a quarter pixel near the
-    right edge of a 64-pixel frame."""
+    right, y down), bilinearly, edges repeated outside the frame. Zero flow returns img. In at
+    least float32 whatever the autocast dtype: bfloat16 coordinates would round to a quarter pixel
+    near the right edge of a 64-pixel frame."""
     B, _, H, W = img.shape
-    y, x = torch.meshgrid(torch.arange(H, device=img.device, dtype=torch.float32),
-                          torch.arange(W, device=img.device, dtype=torch.float32), indexing="ij")
-    flow = flow.float()
+    dtype = torch.promote_types(torch.promote_types(img.dtype, flow.dtype), torch.float32)
+    img, flow = img.to(dtype), flow.to(dtype)
+    y, x = torch.meshgrid(torch.arange(H, device=img.device, dtype=dtype),
+                          torch.arange(W, device=img.device, dtype=dtype), indexing="ij")
     # grid_sample's coordinates: -1 and 1 are the outer edges of the corner pixels (align_corners=False).
     gx = (x + flow[:, 0] + 0.5) * (2.0 / W) - 1.0
     gy = (y + flow[:, 1] + 0.5) * (2.0 / H) - 1.0
-    return F.grid_sample(img.float(), torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border",
+    return F.grid_sample(img, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border",
                          align_corners=False)
 
 
