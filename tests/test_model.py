@@ -253,6 +253,25 @@ def test_first_frame_condition_never_reads_its_own_frames():
         VAE_Model(*TINY, condition="last")
 
 
+def _assert_training_paths_agree(model, img, lab, eps):
+    """Batched against per-frame training in float32, and against checkpointed in float64 (it sums
+    the gradients per time step, which in float32 alone moves some by ~1e-5 relative, as in the
+    test above): loss, predictions and gradients. Returns the batched float32 gradients."""
+    out = None
+    for dtype, other, rtol in ((torch.float32, dict(fast=False), 1e-5),
+                               (torch.float64, dict(fast=True, grad_ckpt=True), 1e-10)):
+        model.to(dtype)
+        x, y, e = img.to(dtype), lab.to(dtype), eps.to(dtype)
+        a, ga = _loss_and_grads(model, x, y, True, e, fast=True)
+        b, gb = _loss_and_grads(model, x, y, True, e, **other)
+        torch.testing.assert_close(a["loss"], b["loss"], rtol=rtol, atol=0)
+        torch.testing.assert_close(a["pred"], b["pred"], rtol=rtol, atol=rtol / 10)
+        _assert_grads_close(ga, gb, rtol, model)
+        out = out or ga
+    model.float()
+    return out
+
+
 def test_first_pose_starts_as_the_model_without_it_and_every_path_agrees():
     """first_pose: one more module (pose_fusion), starting at zero, so the untrained model is the
     one without it. Trained (jittered): the training pass batched, per frame and checkpointed is
@@ -278,19 +297,8 @@ def test_first_pose_starts_as_the_model_without_it_and_every_path_agrees():
         model.train()
     jitter(model.pose_fusion, seed=1)
 
-    # Checkpointing sums the gradients per time step, which in float32 alone moves some by ~1e-5
-    # relative (as in the test above): that comparison runs in float64.
-    for dtype, other, rtol in ((torch.float32, dict(fast=False), 1e-5),
-                               (torch.float64, dict(fast=True, grad_ckpt=True), 1e-10)):
-        model.to(dtype)
-        x, y, e = img.to(dtype), lab.to(dtype), eps.to(dtype)
-        a, ga = _loss_and_grads(model, x, y, True, e, fast=True)
-        b, gb = _loss_and_grads(model, x, y, True, e, **other)
-        torch.testing.assert_close(a["loss"], b["loss"], rtol=rtol, atol=0)
-        torch.testing.assert_close(a["pred"], b["pred"], rtol=rtol, atol=rtol / 10)
-        _assert_grads_close(ga, gb, rtol, model)
-        assert ga["pose_fusion.weight"].norm() > 0
-    model.float()
+    grads = _assert_training_paths_agree(model, img, lab, eps)
+    assert grads["pose_fusion.weight"].norm() > 0
 
     model.eval()
     first, labels = img[:, 0], lab
@@ -417,17 +425,7 @@ def test_warp_starts_as_the_model_without_it_and_every_path_agrees(condition):
 
     model = jitter(VAE_Model(*TINY, residual=True, condition=condition, warp=True))
     torch.nn.init.normal_(model.Generator[-1].weight, std=0.1)
-    # Per frame in float32; checkpointed in float64 (it sums gradients per time step, see above).
-    for dtype, other, rtol in ((torch.float32, dict(fast=False), 1e-5),
-                               (torch.float64, dict(fast=True, grad_ckpt=True), 1e-10)):
-        model.to(dtype)
-        x, y, e = img.to(dtype), lab.to(dtype), eps.to(dtype)
-        a, ga = _loss_and_grads(model, x, y, True, e, fast=True)
-        b, gb = _loss_and_grads(model, x, y, True, e, **other)
-        torch.testing.assert_close(a["loss"], b["loss"], rtol=rtol, atol=0)
-        torch.testing.assert_close(a["pred"], b["pred"], rtol=rtol, atol=rtol / 10)
-        _assert_grads_close(ga, gb, rtol, model)
-    model.float()
+    assert _assert_training_paths_agree(model, img, lab, eps)["flow.weight"].norm() > 0
     model.eval()
     noise = model.sample_noise(2, 6, 32, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
