@@ -6,7 +6,6 @@ against ground truth when the dataset has it.
 The model is rebuilt from the checkpoint (no need to repeat its dims). Output is the same on every
 run for a given --seed.
 """
-import json
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ import torch
 from dataloader import DataError, TestSequences
 from modules.model import build_model
 from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args
-from modules.files import atomic_write
+from modules.files import atomic_write, dump_json
 from modules.engine import OutOfMemory, first_line, is_out_of_memory
 from modules.metrics import drift, psnr, ssim
 from modules.options import ConfigError, check_tester, tester_parser, writable_folder
@@ -151,11 +150,7 @@ def run(args, written=None):
             print("(best-of-K picks the sample closest to the truth: an oracle metric, not a prediction score)")
         write_output(os.path.join(save_root, "psnr_per_frame.png"),
                      lambda p: save_psnr_plot(curves, p, "Test PSNR per frame"), written)
-
-    def dump(p):
-        with open(p, "w") as f:
-            json.dump(results, f, indent=1)
-    write_output(os.path.join(save_root, "results.json"), dump, written)
+    write_output(os.path.join(save_root, "results.json"), lambda p: dump_json(p, results), written)
     print(f"\nWrote {save_root}/submission.csv ({shape[0]} rows x {shape[1]} columns)"
           + ("" if args.no_gif else ", pred_seq*.gif and strip_seq*.png"), flush=True)
     return 0

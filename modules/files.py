@@ -21,8 +21,10 @@ def atomic_write(path, write, keep_ext=False):
         raise
 
 
+def dump_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
 def write_json(path, obj):
-    def dump(tmp):
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-    atomic_write(path, dump)
+    atomic_write(path, lambda tmp: dump_json(tmp, obj))
