@@ -170,6 +170,10 @@ def make_step_fn(model, speed, z_mode, example):
         static[2].copy_(eps)
         graph.replay()
         return out.clone()
+    # The graph reads the weights at the addresses it was captured with and holds no reference to
+    # them: the model (the bf16 copy made above, which nothing else holds) must live as long as
+    # the replay, or the allocator hands its memory to the frames (NaN from the 6th frame, H100).
+    replay.model = model
     return replay
 
 

@@ -390,6 +390,51 @@ def test_compiled_or_captured_step_runs_the_bf16_copy(monkeypatch):
     assert seen[1] is model
 
 
+def test_captured_step_keeps_its_bf16_copy_alive(monkeypatch):
+    """A CUDA graph reads the weights at the addresses it captured and holds no reference to them,
+    so the replay must keep the bf16 copy alive: it once did not, the copy was freed and its
+    memory reused by the frames (NaN from the 6th frame on an H100). The capture is faked so that
+    the lifetime is checked on the CPU."""
+    import contextlib
+    import gc
+    import weakref
+
+    import modules.runtime as runtime
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    class FakeGraph:
+        def replay(self):
+            pass
+
+    stream = FakeStream()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    copies, real = [], runtime.with_bf16_convs
+
+    def recorded(m):
+        copy = real(m)
+        copies.append(weakref.ref(copy))
+        return copy
+    monkeypatch.setattr(runtime, "with_bf16_convs", recorded)
+
+    model = VAE_Model(*TINY).eval()
+    example = (torch.rand(2, 3, 32, 64), model.label_transformation(torch.rand(2, 3, 32, 64)),
+               torch.randn(2, TINY[2], 32, 64))
+    with torch.no_grad():
+        replay = make_step_fn(model, Speed(torch.device("cpu"), True, False, False, True, True), "sample", example)
+    gc.collect()
+    assert copies[0]() is not None and copies[0]() is not model
+    del replay
+    gc.collect()
+    assert copies[0]() is None  # the check above can fail: nothing else holds the copy
+
+
 def test_warp_moves_pixels_by_the_flow():
     """warp reads img at each pixel's position plus the flow, bilinearly, edges repeated."""
     torch.manual_seed(0)
