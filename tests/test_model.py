@@ -6,7 +6,7 @@ from torch.distributions import Normal, kl_divergence
 from modules import VAE_Model
 from modules.model import kl_gaussians, kl_standard_normal, warp
 from modules.modules import reparameterize
-from modules.runtime import Speed, make_step_fn, peak_memory_growth, rollout, with_bf16_convs
+from modules.runtime import Speed, make_step_fn, peak_memory_growth, prepare_model, rollout, with_bf16_convs
 
 from helpers import jitter
 
@@ -433,6 +433,24 @@ def test_captured_step_keeps_its_bf16_copy_alive(monkeypatch):
     del replay
     gc.collect()
     assert copies[0]() is None  # the check above can fail: nothing else holds the copy
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run in GPU sessions)")
+@pytest.mark.parametrize("residual", [False, True])
+def test_captured_rollout_matches_the_eager_one_on_cuda(residual):
+    """On a GPU the captured step (bf16 copy, CUDA graph) gives the eager autocast step's frames:
+    with the copy freed after capture it gave NaN from the 6th frame."""
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(*TINY, residual=residual)).eval()
+    cuda = torch.device("cuda")
+    graph, eager = (Speed(cuda, True, True, False, g, True) for g in (True, False))
+    prepare_model(model, graph)
+    g = torch.Generator().manual_seed(1)
+    first, labels = torch.rand(4, 3, 32, 64, generator=g).to(cuda), torch.rand(4, 24, 3, 32, 64, generator=g).to(cuda)
+    eps = model.sample_noise(4, 24, 32, 64, generator=g).to(cuda)
+    a, b = rollout(model, first, labels, eps, graph), rollout(model, first, labels, eps, eager)
+    assert torch.isfinite(a).all()
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-2)
 
 
 def test_warp_moves_pixels_by_the_flow():
