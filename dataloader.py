@@ -12,11 +12,12 @@ import multiprocessing
 import os
 import re
 import sys
-import tempfile
 
 import numpy as np
 import torch
 from PIL import Image
+
+from modules.files import atomic_write
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
 CACHE_FORMAT = 1  # bump when the decoding changes, so old caches are re-read
@@ -187,20 +188,13 @@ def _load_cache(path, fingerprint):
 
 
 def _save_cache(path, obj):
-    """Write atomically (temp file + rename); a read-only dataset just goes without a cache."""
-    tmp = None
+    """Write whole or not at all (an interruption leaves no temporary file in .cache); a read-only
+    dataset just goes without a cache."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=os.path.dirname(path))
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a cache may be shared
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(obj, tmp))
     except OSError:
-        if tmp and os.path.exists(tmp):
-            os.remove(tmp)
+        pass
 
 
 def _cache_path(split_dir, stem, frame_H, frame_W):

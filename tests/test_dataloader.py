@@ -197,15 +197,24 @@ def test_corrupt_cache_is_ignored(tmp_path):
     assert TrainWindows(tmp_path, video_len=4).frames[5, 0, 0, 0] == 5
 
 
-def test_unwritable_cache_is_skipped(tmp_path, monkeypatch):
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failed_cache_write_leaves_nothing(tmp_path, monkeypatch, error):
+    """A cache write that fails half-way (full disk, read-only dataset) is skipped; one that is
+    interrupted (Ctrl-C) goes on as the interruption. Neither leaves a file in .cache."""
     _split(tmp_path, "train", 8)
 
-    def refuse(*a, **k):
-        raise PermissionError("read-only")
+    def half_written(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"half")
+        raise error
 
-    monkeypatch.setattr(dataloader.tempfile, "mkstemp", refuse)
-    assert len(TrainWindows(tmp_path, video_len=4)) == 2
-    assert not list((tmp_path / "train").rglob("*.pt"))
+    monkeypatch.setattr(dataloader.torch, "save", half_written)
+    if isinstance(error, OSError):
+        assert len(TrainWindows(tmp_path, video_len=4)) == 2
+    else:
+        with pytest.raises(KeyboardInterrupt):
+            TrainWindows(tmp_path, video_len=4)
+    assert not [p for p in (tmp_path / "train").rglob("*") if p.is_file() and ".cache" in p.parts]
 
 
 def test_test_cache(tiny_dance, monkeypatch):
