@@ -615,11 +615,20 @@ def _prepare_out(out, overwrite):
 
 
 def _write_json(path, obj):
+    """Whole or not at all, and no temporary file left behind. (The package's modules/files.py
+    does the same, but importing the package imports torch, which this script does without.)"""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def _check(train_frames, val_frames, test_seqs, test_len, height, width, dancers, window,

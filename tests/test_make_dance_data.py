@@ -2,6 +2,7 @@ import json
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import dataloader
@@ -192,3 +193,19 @@ def test_preview(tmp_path, capsys):
     assert mdd.main(["--preview", str(out), "--height", "32", "--width", "64"]) == 0
     with Image.open(out) as im:
         assert im.size == (8 * 64, 2 * 32)
+
+
+@pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_failed_json_write_leaves_no_temporary_file(tmp_path, monkeypatch, error):
+    """A JSON file whose write fails (full disk, Ctrl-C) leaves the previous file and nothing else."""
+    path = tmp_path / "videos.json"
+    mdd._write_json(str(path), {"a": 1})
+
+    def half(obj, f, **kw):
+        f.write('{"b": ')
+        raise error
+
+    monkeypatch.setattr(mdd.json, "dump", half)
+    with pytest.raises(type(error)):
+        mdd._write_json(str(path), {"b": 2})
+    assert os.listdir(tmp_path) == ["videos.json"] and json.loads(path.read_text()) == {"a": 1}
