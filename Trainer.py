@@ -126,6 +126,27 @@ def remove_previous_run(args):
         print(f"--overwrite: removed the previous run's {', '.join(gone)} from {args.save_root}", flush=True)
 
 
+def outermost_missing(path):
+    """The outermost folder on the way to `path` that does not exist yet, or None if path exists."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path, top = os.path.dirname(path), path
+    return top
+
+
+def remove_empty_folders(path, top):
+    """Remove path and its parents up to top (included) while they are empty folders."""
+    path, top = os.path.abspath(path), os.path.abspath(top)
+    while os.path.commonpath([path, top]) == top:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty, gone, or not ours to remove
+            return
+        if path == top:
+            return
+        path = os.path.dirname(path)
+
+
 def new_run_folder():
     """runs/<timestamp>, claimed with an exclusive mkdir: a second run started in the same second
     gets runs/<timestamp>-2 rather than the first run's folder."""
@@ -243,10 +264,16 @@ def run(args):
     d = distributed.setup(args)
     stop = StopRequest(verbose=d.is_main)
     leave_group = True
-    # A run folder made by this run (plan_save_root makes it) is removed again when the run stops
-    # before writing anything in it: a bad --DR must not leave an empty folder behind.
-    made = d.is_main and not args.resume and (
-        not os.path.exists(args.save_root) if args.save_root else not args.ckpt_path)
+    # The folders this run makes for its run folder (plan_save_root makes them: --save_root a/b/c
+    # with a/ new makes a/, a/b/ and a/b/c/; by default runs/<timestamp>, and runs/ if missing) are
+    # removed again when the run stops before writing anything in them: a bad --DR must not leave
+    # empty folders behind. `top` is the outermost of them, None where nothing is to be made.
+    top = None
+    if d.is_main and not args.resume:
+        if args.save_root:
+            top = outermost_missing(args.save_root)
+        elif not args.ckpt_path:
+            top = outermost_missing("runs") or "run folder"  # the timestamp's, once it is made
     try:
         return _train(args, d, stop)
     except OutOfMemory:
@@ -256,11 +283,8 @@ def run(args):
         raise
     finally:
         stop.uninstall()
-        if made and args.save_root and os.path.isdir(args.save_root) and not os.listdir(args.save_root):
-            try:
-                os.rmdir(args.save_root)
-            except OSError:
-                pass
+        if top and args.save_root:
+            remove_empty_folders(args.save_root, top if top != "run folder" else args.save_root)
         if leave_group:
             distributed.cleanup(d)
 

@@ -237,9 +237,15 @@ def test_bad_dataset_leaves_no_empty_run_folder(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     nowhere = str(tmp_path / "nowhere")
     assert "dataset root" in error_of(Trainer.main, args_for_trainer(nowhere), capsys)
-    assert os.listdir(tmp_path / "runs") == []  # no runs/<timestamp>
+    assert not (tmp_path / "runs").exists()  # neither runs/<timestamp> nor the runs/ it made
+    (tmp_path / "runs").mkdir()
+    assert "dataset root" in error_of(Trainer.main, args_for_trainer(nowhere), capsys)
+    assert os.listdir(tmp_path / "runs") == []  # runs/ was there before: kept
     (tmp_path / "mine").mkdir()  # a folder the user made is kept, empty or not
     assert "dataset root" in error_of(Trainer.main, [*args_for_trainer(nowhere), "--save_root", "mine"], capsys)
+    assert os.listdir(tmp_path / "mine") == []
+    # --save_root a/b/c with a/ new: all three are removed, not only c/ (a/b/ was left)
+    assert "dataset root" in error_of(Trainer.main, [*args_for_trainer(nowhere), "--save_root", "mine/a/b/c"], capsys)
     assert os.listdir(tmp_path / "mine") == []
 
 
