@@ -16,7 +16,7 @@ import torch
 from dataloader import DataError, TestSequences
 from modules.model import build_model
 from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args
-from modules.files import atomic_write, dump_json
+from modules.files import atomic_write, dump_json, outermost_missing, remove_empty_folders
 from modules.engine import OutOfMemory, first_line, is_out_of_memory
 from modules.metrics import drift, psnr, ssim
 from modules.options import ConfigError, check_tester, tester_parser, writable_folder
@@ -66,7 +66,7 @@ def run(args, written=None):
     speed = resolve_speed(args)
     model, margs = load_model(args.ckpt_path, args)
     prepare_model(model, speed)
-    save_root = args.save_root or os.path.join(os.path.dirname(os.path.abspath(args.ckpt_path)), "test")
+    save_root = output_folder(args)
     writable_folder(save_root)
     seqs = TestSequences(args.DR, args.frame_H, args.frame_W, test_len=args.test_len, cache=not args.no_cache)
     H, W, L, K = args.frame_H, args.frame_W, args.test_len, args.num_samples
@@ -156,6 +156,10 @@ def run(args, written=None):
     return 0
 
 
+def output_folder(args):
+    return args.save_root or os.path.join(os.path.dirname(os.path.abspath(args.ckpt_path)), "test")
+
+
 def what_was_written(written):
     """'nothing written', or which files of the output folder this run wrote before it stopped."""
     if not written:
@@ -166,9 +170,12 @@ def what_was_written(written):
 
 def main(argv=None):
     args = tester_parser().parse_args(argv)
-    written = []
+    written, top = [], None
     try:
         check_tester(args)
+        # The folders made for the output are removed again if nothing gets written in them (a
+        # bad --DR left an empty test/ beside the checkpoint).
+        top = outermost_missing(output_folder(args))
         return run(args, written)
     except (ConfigError, DataError, CheckpointError, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -180,6 +187,9 @@ def main(argv=None):
     except KeyboardInterrupt:
         print(f"error: interrupted; {what_was_written(written)}", file=sys.stderr)
         return 130
+    finally:
+        if top:
+            remove_empty_folders(output_folder(args), top)
 
 
 if __name__ == "__main__":

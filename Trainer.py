@@ -24,7 +24,7 @@ from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, lo
                                 load_model_weights, rng_state, save_checkpoint, set_rng_state)
 from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, first_line,
                             is_out_of_memory, train_one_epoch, validate)
-from modules.files import atomic_write, write_json
+from modules.files import atomic_write, outermost_missing, remove_empty_folders, write_json
 from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder
 from modules.runtime import prepare_model, resolve_speed
 from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side
@@ -124,27 +124,6 @@ def remove_previous_run(args):
             gone.append(name)
     if gone:
         print(f"--overwrite: removed the previous run's {', '.join(gone)} from {args.save_root}", flush=True)
-
-
-def outermost_missing(path):
-    """The outermost folder on the way to `path` that does not exist yet, or None if path exists."""
-    path, top = os.path.abspath(path), None
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path, top = os.path.dirname(path), path
-    return top
-
-
-def remove_empty_folders(path, top):
-    """Remove path and its parents up to top (included) while they are empty folders."""
-    path, top = os.path.abspath(path), os.path.abspath(top)
-    while os.path.commonpath([path, top]) == top:
-        try:
-            os.rmdir(path)
-        except OSError:  # not empty, gone, or not ours to remove
-            return
-        if path == top:
-            return
-        path = os.path.dirname(path)
 
 
 def new_run_folder():

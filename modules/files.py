@@ -28,3 +28,24 @@ def dump_json(path, obj):
 
 def write_json(path, obj):
     atomic_write(path, lambda tmp: dump_json(tmp, obj))
+
+
+def outermost_missing(path):
+    """The outermost folder on the way to `path` that does not exist yet, or None if path exists."""
+    path, top = os.path.abspath(path), None
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path, top = os.path.dirname(path), path
+    return top
+
+
+def remove_empty_folders(path, top):
+    """Remove path and its parents up to top (included) while they are empty folders."""
+    path, top = os.path.abspath(path), os.path.abspath(top)
+    while os.path.commonpath([path, top]) == top:
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty, gone, or not ours to remove
+            return
+        if path == top:
+            return
+        path = os.path.dirname(path)

@@ -258,6 +258,7 @@ def test_bad_dataset_leaves_no_empty_run_folder(tmp_path, monkeypatch, capsys):
 ])
 def test_tester_dataset_problem(trained, tmp_path, capsys, how, extra, message):
     dr = str(tmp_path / "nowhere") if how == "missing_root" else broken_copy(trained[0], tmp_path, how)
-    argv = [*args_for_tester(dr, trained[1], "--no_cache", *extra), "--save_root", tmp_path / "out"]
+    argv = [*args_for_tester(dr, trained[1], "--no_cache", *extra), "--save_root", tmp_path / "out" / "a"]
     line = error_of(Tester.main, argv, capsys)
     assert message.format(dr=dr) in line
+    assert not (tmp_path / "out").exists()  # the folders it made are removed again (were left empty)
