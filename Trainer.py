@@ -9,6 +9,7 @@
 """
 import glob
 import json
+import math
 import os
 import re
 import signal
@@ -124,6 +125,21 @@ def remove_previous_run(args):
             gone.append(name)
     if gone:
         print(f"--overwrite: removed the previous run's {', '.join(gone)} from {args.save_root}", flush=True)
+
+
+SPIKE = 100.0  # an epoch's training error this many times the lowest so far: diverged
+
+
+def spike_note(recon_name, recon, lowest, best_psnr, best_path):
+    """A line telling that training diverged (a run at learning rate 1e-3, batch 64, went from an
+    MSE of 7e-4 to 2e5 in one epoch and never came back), or None. Finite losses are not skipped
+    like NaN ones, so without it the only sign is the number."""
+    if lowest is None or not (recon > SPIKE * lowest):  # NaN epochs are told of step by step
+        return None
+    kept = (f"{best_path} keeps the best validated model ({best_psnr:.2f} dB)" if os.path.isfile(best_path)
+            else "no model has been validated yet")
+    return (f"note: the epoch's training {recon_name} is {recon:.3g}, {recon / lowest:.3g} times the lowest "
+            f"so far ({lowest:.3g}): training diverged; {kept}. A lower --lr usually avoids it.")
 
 
 def new_run_folder():
@@ -353,6 +369,7 @@ def _train(args, d, stop):
     if d.is_main:
         trim_metrics(metrics_path, start_epoch)
     nan_run = 0  # non-finite steps in a row, counted across epoch boundaries
+    lowest, spike_noted = None, False  # the lowest epoch training error of this process
     for epoch in range(start_epoch, args.num_epoch):
         t0 = time.time()
         try:
@@ -424,6 +441,13 @@ def _train(args, d, stop):
             print(f"epoch {epoch + 1}/{args.num_epoch} | loss {row['loss']:.4g} | {args.recon} "
                   f"{row.get('mse', row.get('l1')):.4g} | kl {row['kl']:.4g} | beta {row['beta']:.3g} | "
                   f"{tftxt}lr {row['lr']:.2e} | {row['time_s']:.1f}s{vtxt}", flush=True)
+            recon = row.get("mse", row.get("l1"))
+            note = spike_note(args.recon, recon, lowest, best_psnr, os.path.join(args.save_root, "best.ckpt"))
+            if note and not spike_noted:  # once a run: the epochs after a spike stay high
+                print(note, flush=True)
+                spike_noted = True
+            if math.isfinite(recon):
+                lowest = recon if lowest is None else min(lowest, recon)
             if val_oom is not None:
                 raise OutOfMemory(
                     f"out of memory validating after epoch {epoch + 1} ({len(val_set)} sequence(s) of "

@@ -289,6 +289,28 @@ def test_a_real_divergence_stops_with_a_message(dr, tmp_path, capsys):
     assert "2 consecutive non-finite losses at epoch 1" in line and "no checkpoint had been written yet" in line
 
 
+def test_a_finite_loss_spike_is_told_once(dr, tmp_path, monkeypatch, capsys):
+    """An epoch whose training error is over 100x the lowest so far (finite, so no step is
+    skipped): one note that training diverged, naming best.ckpt; then the run goes on."""
+    forward, calls = VAE_Model.forward, []
+
+    def spiked(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        calls.append(1)
+        return dict(out, loss=out["loss"] * 1e6, recon=out["recon"] * 1e6) if len(calls) > 3 else out
+
+    monkeypatch.setattr(VAE_Model, "forward", spiked)
+    run = str(tmp_path / "run")
+    assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "3", "--save_root", run]) == 0
+    out = capsys.readouterr().out
+    notes = [l for l in out.splitlines() if l.startswith("note: the epoch's training mse")]
+    first, second, third = rows(run)
+    assert second["mse"] > 1e5 * first["mse"] and len(notes) == 1
+    assert "training diverged" in notes[0] and os.path.join(run, "best.ckpt") in notes[0] and "--lr" in notes[0]
+    assert Trainer.spike_note("mse", 0.5, 0.01, 30.0, run) is None  # 50x: a rough epoch, not a divergence
+    assert Trainer.spike_note("mse", float("nan"), 0.01, 30.0, run) is None
+
+
 # ----------------------------------------------------------------------------- out of memory
 
 @pytest.mark.parametrize("error", [
