@@ -262,13 +262,14 @@ def run(args):
     # The folders this run makes for its run folder (plan_save_root makes them: --save_root a/b/c
     # with a/ new makes a/, a/b/ and a/b/c/; by default runs/<timestamp>, and runs/ if missing) are
     # removed again when the run stops before writing anything in them: a bad --DR must not leave
-    # empty folders behind. `top` is the outermost of them, None where nothing is to be made.
-    top = None
+    # empty folders behind. `top` is the outermost of them (None: only the run folder itself).
+    clean, top = False, None
     if d.is_main and not args.resume:
         if args.save_root:
             top = outermost_missing(args.save_root)
+            clean = top is not None
         elif not args.ckpt_path:
-            top = outermost_missing("runs") or "run folder"  # the timestamp's, once it is made
+            top, clean = outermost_missing("runs"), True
     try:
         return _train(args, d, stop)
     except OutOfMemory:
@@ -278,8 +279,8 @@ def run(args):
         raise
     finally:
         stop.uninstall()
-        if top and args.save_root:
-            remove_empty_folders(args.save_root, top if top != "run folder" else args.save_root)
+        if clean and args.save_root:
+            remove_empty_folders(args.save_root, top or args.save_root)
         if leave_group:
             distributed.cleanup(d)
 
