@@ -111,7 +111,11 @@ def check_dims(ckpt, args, path):
 
 
 def load_model_weights(model, ckpt, path):
-    missing, unexpected = model.load_state_dict(ckpt["model"], strict=False)
+    sd = ckpt["model"]
+    if "flow.weight" in sd and "flow_scale" not in sd:
+        # Written before the flow had a scale: its flow was the convolution's output as it is.
+        sd = {**sd, "flow_scale": torch.tensor(1.0)}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 

@@ -29,6 +29,14 @@ def kl_gaussians(mu_q, logvar_q, mu_p, logvar_p):
     return 0.5 * (torch.expm1(d) - d + (mu_q - mu_p).pow(2) / logvar_p.exp())
 
 
+# Pixels of flow per unit of the flow convolution's output. With 1, a displacement of tens of
+# pixels needed features in the tens on the Decoder_Fusion output, which the Generator shares, and
+# its four gated blocks (products of two convolutions) turned such inputs into outputs in the
+# millions: single-step loss spikes (CPU, reproduced; docs/RESULTS.md) and, on an H100 at the lab's
+# dims, a run that diverged. With 16 the same flows need features near 1.
+FLOW_SCALE = 16.0
+
+
 def build_model(a):
     """The model that a dict of arguments describes: the Trainer's flags (vars(args)) or those
     stored in a checkpoint. Options missing from older checkpoints take their defaults."""
@@ -95,7 +103,8 @@ class VAE_Model(nn.Module):
     displacement per pixel, and x_t = warp(x_prev, flow) + G(...). A warp carries the first frame's
     pixels, colours and all, to where the pose puts them, and can pull wall over the place the
     dancer left; the Generator is left the corrections. Zero flow is the copy, so the untrained
-    model is the one without it."""
+    model is the one without it. The flow in pixels is the convolution's output times
+    `flow_scale` (a buffer, FLOW_SCALE for new models, 1 in checkpoints written before it existed)."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
                  condition="previous", first_pose=False, warp=False):
@@ -124,6 +133,7 @@ class VAE_Model(nn.Module):
         if warp:
             nn.init.zeros_(self.flow.weight)
             nn.init.zeros_(self.flow.bias)
+            self.register_buffer("flow_scale", torch.tensor(FLOW_SCALE))
         if residual:
             nn.init.zeros_(self.Generator[-1].weight)
             nn.init.zeros_(self.Generator[-1].bias)
@@ -194,7 +204,7 @@ class VAE_Model(nn.Module):
         fused = self.Decoder_Fusion(prev_feat, label_feat, z)
         out = self.Generator(fused)
         if self.flow is not None:
-            prev_img = warp(prev_img, self.flow(fused))
+            prev_img = warp(prev_img, self.flow(fused) * self.flow_scale)
         return prev_img + out if self.residual else out
 
     def _frame_terms(self, prev_feat, prev_img, feat, label_feat, eps):

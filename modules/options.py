@@ -52,7 +52,7 @@ def common_parser():
                         "where the dancer stands in the frame it copies from (docs/RESULTS.md)")
     g.add_argument("--warp", action="store_true",
                    help="not the lab's, needs --residual: the change is added to the frame it is generated "
-                        "from warped by a flow the model predicts (a 3x3 convolution starting at zero), "
+                        "from warped by a flow the model predicts (a 3x3 convolution starting at zero, times 16 pixels), "
                         "which moves that frame's pixels to the new pose (docs/RESULTS.md)")
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")

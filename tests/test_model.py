@@ -4,7 +4,8 @@ import torch
 from torch.distributions import Normal, kl_divergence
 
 from modules import VAE_Model
-from modules.model import kl_gaussians, kl_standard_normal, warp
+from modules.checkpoint import load_model_weights
+from modules.model import FLOW_SCALE, kl_gaussians, kl_standard_normal, warp
 from modules.modules import reparameterize
 from modules.runtime import Speed, make_step_fn, peak_memory_growth, prepare_model, rollout, with_bf16_convs
 
@@ -479,7 +480,7 @@ def test_warp_starts_as_the_model_without_it_and_every_path_agrees(condition):
     img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
     eps = torch.randn(2, 5, TINY[2], 32, 64)
     without = VAE_Model(*TINY, residual=True, condition=condition)
-    assert sorted(set(fresh.state_dict()) - set(without.state_dict())) == ["flow.bias", "flow.weight"]
+    assert sorted(set(fresh.state_dict()) - set(without.state_dict())) == ["flow.bias", "flow.weight", "flow_scale"]
     with torch.no_grad():
         copied = fresh(img, lab, True, eps=eps)["pred"]
         torch.testing.assert_close(copied, (img[:, :1] if condition == "first" else img[:, :-1]).expand(-1, 5, -1, -1, -1))
@@ -503,6 +504,33 @@ def test_warp_starts_as_the_model_without_it_and_every_path_agrees(condition):
         assert not torch.allclose(loop, model.generate(img[:, 0], lab, noise))  # the flow moved pixels
     with pytest.raises(ValueError, match="warp needs residual"):
         VAE_Model(*TINY, warp=True)
+
+
+def test_flow_scale_and_checkpoints_written_before_it():
+    """The flow in pixels is the convolution's output times flow_scale: FLOW_SCALE in a new model,
+    stored in its state_dict; a checkpoint written before the scale existed (no flow_scale) loads
+    with 1, the function it was trained as."""
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(*TINY, residual=True, condition="first", warp=True)).eval()
+    assert model.flow_scale.item() == FLOW_SCALE == 16.0
+    first, lab = torch.rand(2, 3, 32, 64), torch.rand(2, 5, 3, 32, 64)
+    noise = model.sample_noise(2, 5, 32, 64, generator=torch.Generator().manual_seed(1))
+
+    def fresh():
+        return VAE_Model(*TINY, residual=True, condition="first", warp=True).eval()
+
+    again = fresh()
+    load_model_weights(again, {"model": model.state_dict()}, "new.ckpt")
+    assert again.flow_scale.item() == FLOW_SCALE
+    old = fresh()
+    load_model_weights(old, {"model": {k: v for k, v in model.state_dict().items() if k != "flow_scale"}}, "old.ckpt")
+    assert old.flow_scale.item() == 1.0
+    with torch.no_grad():
+        model.flow.weight /= FLOW_SCALE  # the same flow in pixels as the old checkpoint's
+        model.flow.bias /= FLOW_SCALE
+        torch.testing.assert_close(old.generate(first, lab, noise), model.generate(first, lab, noise),
+                                   rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(old.generate(first, lab, noise), again.generate(first, lab, noise))
 
 
 def test_kl_near_the_prior_is_accurate_and_never_negative():
