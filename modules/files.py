@@ -24,6 +24,7 @@ def atomic_write(path, write, keep_ext=False):
 def dump_json(path, obj):
     with open(path, "w") as f:
         json.dump(obj, f, indent=1)
+        f.write("\n")
 
 
 def write_json(path, obj):

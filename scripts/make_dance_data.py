@@ -15,7 +15,6 @@ worker processes start fast.
 """
 import argparse
 import colorsys
-import json
 import math
 import multiprocessing
 import os
@@ -614,23 +613,6 @@ def _prepare_out(out, overwrite):
         f.write("incomplete dataset written by scripts/make_dance_data.py\n")
 
 
-def _write_json(path, obj):
-    """Whole or not at all, and no temporary file left behind. (The package's modules/files.py
-    does the same, but importing the package imports torch, which this script does without.)"""
-    tmp = path + ".tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _check(train_frames, val_frames, test_seqs, test_len, height, width, dancers, window,
            train_videos, unseen_seqs, unseen_dancers, motion, speed, turns, travel, background):
     checks = [(height >= 16 and width >= 16, "--height and --width must be at least 16"),
@@ -702,6 +684,7 @@ def make_dataset(out, seed=0, train_frames=20000, val_frames=630, test_seqs=5, t
     Raises dataloader.DataError (a ValueError) for bad arguments or an output folder it may not
     touch.
     """
+    from modules.files import write_json  # here, not at import: worker processes never load torch
     t0 = time.perf_counter()
     args = dict(seed=seed, train_frames=train_frames, val_frames=val_frames, test_seqs=test_seqs,
                 test_len=test_len, height=height, width=width, dancers=dancers,
@@ -756,8 +739,8 @@ def make_dataset(out, seed=0, train_frames=20000, val_frames=630, test_seqs=5, t
     lengths = [v["video"]["n_frames"] for v in videos if v["split"] == "train"]
     manifest = dict(video_lengths=lengths, window=window,
                     dancer_ids=[v["dancer_id"] for v in videos if v["split"] == "train"])
-    _write_json(os.path.join(out, "train", "videos.json"), manifest)
-    _write_json(os.path.join(out, "val", "videos.json"),
+    write_json(os.path.join(out, "train", "videos.json"), manifest)
+    write_json(os.path.join(out, "val", "videos.json"),
                 dict(video_lengths=[val_frames], window=window, dancer_ids=[0]))
     summary = dict(train=dict(frames=sum(lengths), videos=len(lengths)),
                    val=dict(frames=val_frames, videos=1),
@@ -765,7 +748,7 @@ def make_dataset(out, seed=0, train_frames=20000, val_frames=630, test_seqs=5, t
                              dancer_ids=[v["dancer_id"] for v in videos if v["split"] == "test"]))
     if unseen_seqs:
         summary["test_unseen"] = dict(sequences=unseen_seqs, length=test_len)
-    _write_json(os.path.join(out, MARKER),
+    write_json(os.path.join(out, MARKER),
                 dict(generator="scripts/make_dance_data.py", format=1, args=args,
                      dancers_used=used_dancers, splits=summary))
     os.remove(os.path.join(out, PARTIAL))

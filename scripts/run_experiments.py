@@ -105,20 +105,10 @@ def read_json(path, default=None):
 
 
 def write_json(path, obj):
-    """Atomically (temporary file + rename): a crash or a full disk leaves the previous file whole,
-    and no temporary file behind. (modules/files.py does the same for the Trainer and Tester; this
-    script and the data generator import nothing of the package, so they keep their own.)"""
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise
+    """modules/files.py's atomic writer, imported when first used (the script is run as a file:
+    main() puts the repository root on sys.path first)."""
+    from modules.files import write_json as write
+    write(path, obj)
 
 
 def epochs_done(save_root):

@@ -197,15 +197,18 @@ def test_preview(tmp_path, capsys):
 
 @pytest.mark.parametrize("error", [OSError(28, "No space left on device"), KeyboardInterrupt()])
 def test_failed_json_write_leaves_no_temporary_file(tmp_path, monkeypatch, error):
-    """A JSON file whose write fails (full disk, Ctrl-C) leaves the previous file and nothing else."""
+    """The JSON writer the generator, the Trainer and the Tester share: a write that fails (full
+    disk, Ctrl-C) leaves the previous file and nothing else (the generator's own writer left its
+    temporary file)."""
+    from modules.files import write_json
     path = tmp_path / "videos.json"
-    mdd._write_json(str(path), {"a": 1})
+    write_json(str(path), {"a": 1})
 
     def half(obj, f, **kw):
         f.write('{"b": ')
         raise error
 
-    monkeypatch.setattr(mdd.json, "dump", half)
+    monkeypatch.setattr(json, "dump", half)
     with pytest.raises(type(error)):
-        mdd._write_json(str(path), {"b": 2})
+        write_json(str(path), {"b": 2})
     assert os.listdir(tmp_path) == ["videos.json"] and json.loads(path.read_text()) == {"a": 1}
