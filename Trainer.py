@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from tqdm import tqdm
 
 from dataloader import DataError, TrainWindows
 from modules.model import build_model
@@ -130,15 +131,15 @@ def remove_previous_run(args):
 SPIKE = 100.0  # an epoch's training error this many times the lowest so far: diverged
 
 
-def spike_note(recon_name, recon, lowest, best_psnr, best_path):
+def spike_note(recon_name, recon, lowest, best_psnr, best_path, over="the epoch's"):
     """A line telling that training diverged (a run at learning rate 1e-3, batch 64, went from an
     MSE of 7e-4 to 2e5 in one epoch and never came back), or None. Finite losses are not skipped
-    like NaN ones, so without it the only sign is the number."""
+    like NaN ones, so without it the only sign is the number. `over` names what recon averages."""
     if lowest is None or not (recon > SPIKE * lowest):  # NaN epochs are told of step by step
         return None
     kept = (f"{best_path} keeps the best validated model ({best_psnr:.2f} dB)" if os.path.isfile(best_path)
             else "no model has been validated yet")
-    return (f"note: the epoch's training {recon_name} is {recon:.3g}, {recon / lowest:.3g} times the lowest "
+    return (f"note: {over} training {recon_name} is {recon:.3g}, {recon / lowest:.3g} times the lowest "
             f"so far ({lowest:.3g}): training diverged; {kept}. A lower --lr usually avoids it.")
 
 
@@ -370,14 +371,27 @@ def _train(args, d, stop):
     if d.is_main:
         trim_metrics(metrics_path, start_epoch)
     nan_run = 0  # non-finite steps in a row, counted across epoch boundaries
-    lowest, spike_noted = None, False  # the lowest epoch training error of this process
+    # The lowest training error of this process, per epoch and per log window (--log_every
+    # steps): a window 100x its lowest tells of a divergence within the epoch, the first included.
+    lowest, lowest_window, spike_noted = None, None, False
+
+    def watch(recon):
+        nonlocal lowest_window, spike_noted
+        note = spike_note(args.recon, recon, lowest_window, best_psnr, os.path.join(args.save_root, "best.ckpt"),
+                          over=f"the last {args.log_every} steps'" if args.log_every > 1 else "the last step's")
+        if note and not spike_noted:  # once a run, as the epoch's note
+            tqdm.write(note)
+            spike_noted = True
+        if math.isfinite(recon):
+            lowest_window = recon if lowest_window is None else min(lowest_window, recon)
+
     for epoch in range(start_epoch, args.num_epoch):
         t0 = time.time()
         try:
             row, finished, prog = train_one_epoch(
                 train_model, optimizer, batches, epoch, args, speed, params, resume=progress,
                 should_stop=lambda: d.any(stop.requested, speed.device), is_main=d.is_main,
-                all_reduce=d.sum if d.enabled else None, nan_run=nan_run)
+                all_reduce=d.sum if d.enabled else None, nan_run=nan_run, watch=watch if d.is_main else None)
         except TrainingDiverged as e:
             kept = (f"the last good checkpoint, {last}, is intact: resume it with a lower --lr "
                     f"(python Trainer.py --resume {args.save_root} --lr ...)" if os.path.isfile(last)

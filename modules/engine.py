@@ -119,8 +119,12 @@ def epoch_settings(epoch, args):
 
 
 def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params, resume=None,
-                    should_stop=lambda: False, is_main=True, all_reduce=None, nan_run=0):
+                    should_stop=lambda: False, is_main=True, all_reduce=None, nan_run=0, watch=None):
     """Train one epoch; returns (metrics dict, finished: bool, progress dict).
+
+    watch: called on the main process at every log point (--log_every steps) with the mean
+    training reconstruction error of the steps since the previous one (the Trainer's divergence
+    note reads it there, so it needs no epoch to end).
 
     nan_run: non-finite steps in a row at the end of the previous epoch (progress["nan_run"]), so
     that --max_nan_steps counts across epochs shorter than it.
@@ -155,6 +159,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
                desc=f"epoch {epoch + 1}/{args.num_epoch}", dynamic_ncols=True, leave=False)
     train_model.train()
     step = start
+    logged = sums.clone()  # sums at the previous log point
     for step in range(steps_per_epoch):
         tf = coins.draw(T - 1)  # drawn for skipped steps too, so the stream stays aligned
         if step < start:
@@ -214,6 +219,10 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
         bar.update(1)
         if is_main and (step + 1) % args.log_every == 0:
             s = (sums[:3] / sums[3].clamp_min(1)).tolist()
+            if watch is not None:
+                since, logged = (sums - logged).tolist(), sums.clone()
+                if since[3] > 0:  # not every step since was skipped
+                    watch(since[1] / since[3])
             tf_shown = {"tfr": f"{tfr:.2f}"} if getattr(args, "condition", "previous") == "previous" else {}
             recon = {args.recon: f"{s[1]:.4g}"}  # mse or l1, whichever the loss uses
             bar.set_postfix(loss=f"{s[0]:.4g}", **recon, kl=f"{s[2]:.4g}", beta=f"{beta:.3g}",

@@ -311,6 +311,27 @@ def test_a_finite_loss_spike_is_told_once(dr, tmp_path, monkeypatch, capsys):
     assert Trainer.spike_note("mse", float("nan"), 0.01, 30.0, run) is None
 
 
+def test_a_loss_spike_in_the_first_epoch_is_told_at_the_next_log_point(dr, tmp_path, monkeypatch, capsys):
+    """Within an epoch (the first has no epoch before it to compare with), the mean error of each
+    --log_every window against the lowest window so far: one note at the first window 100x it."""
+    forward, calls = VAE_Model.forward, []
+
+    def spiked(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        calls.append(1)
+        return dict(out, loss=out["loss"] * 1e6, recon=out["recon"] * 1e6) if len(calls) > 4 else out
+
+    monkeypatch.setattr(VAE_Model, "forward", spiked)
+    run = str(tmp_path / "run")
+    assert Trainer.main(["--DR", dr, *SHORT, "--partial", "1", "--num_epoch", "1", "--log_every", "2",
+                         "--save_root", run]) == 0  # 12 steps; steps 5 on spike
+    out = capsys.readouterr().out
+    notes = [l for l in out.splitlines() if l.startswith("note: ")]
+    assert len(notes) == 1 and notes[0].startswith("note: the last 2 steps' training mse is")
+    assert "training diverged" in notes[0] and "no model has been validated yet" in notes[0]
+    assert out.index(notes[0]) < out.index("epoch 1/1 |")  # told before the epoch ended
+
+
 # ----------------------------------------------------------------------------- out of memory
 
 @pytest.mark.parametrize("error", [
