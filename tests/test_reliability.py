@@ -289,17 +289,22 @@ def test_a_real_divergence_stops_with_a_message(dr, tmp_path, capsys):
     assert "2 consecutive non-finite losses at epoch 1" in line and "no checkpoint had been written yet" in line
 
 
-def test_a_finite_loss_spike_is_told_once(dr, tmp_path, monkeypatch, capsys):
-    """An epoch whose training error is over 100x the lowest so far (finite, so no step is
-    skipped): one note that training diverged, naming best.ckpt; then the run goes on."""
+def spike_after(monkeypatch, steps):
+    """Training steps after the first `steps` report a loss and error 1e6 times the true ones."""
     forward, calls = VAE_Model.forward, []
 
     def spiked(self, *a, **kw):
         out = forward(self, *a, **kw)
         calls.append(1)
-        return dict(out, loss=out["loss"] * 1e6, recon=out["recon"] * 1e6) if len(calls) > 3 else out
+        return dict(out, loss=out["loss"] * 1e6, recon=out["recon"] * 1e6) if len(calls) > steps else out
 
     monkeypatch.setattr(VAE_Model, "forward", spiked)
+
+
+def test_a_finite_loss_spike_is_told_once(dr, tmp_path, monkeypatch, capsys):
+    """An epoch whose training error is over 100x the lowest so far (finite, so no step is
+    skipped): one note that training diverged, naming best.ckpt; then the run goes on."""
+    spike_after(monkeypatch, 3)
     run = str(tmp_path / "run")
     assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "3", "--save_root", run]) == 0
     out = capsys.readouterr().out
@@ -314,14 +319,7 @@ def test_a_finite_loss_spike_is_told_once(dr, tmp_path, monkeypatch, capsys):
 def test_a_loss_spike_in_the_first_epoch_is_told_at_the_next_log_point(dr, tmp_path, monkeypatch, capsys):
     """Within an epoch (the first has no epoch before it to compare with), the mean error of each
     --log_every window against the lowest window so far: one note at the first window 100x it."""
-    forward, calls = VAE_Model.forward, []
-
-    def spiked(self, *a, **kw):
-        out = forward(self, *a, **kw)
-        calls.append(1)
-        return dict(out, loss=out["loss"] * 1e6, recon=out["recon"] * 1e6) if len(calls) > 4 else out
-
-    monkeypatch.setattr(VAE_Model, "forward", spiked)
+    spike_after(monkeypatch, 4)
     run = str(tmp_path / "run")
     assert Trainer.main(["--DR", dr, *SHORT, "--partial", "1", "--num_epoch", "1", "--log_every", "2",
                          "--save_root", run]) == 0  # 12 steps; steps 5 on spike
