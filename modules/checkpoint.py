@@ -75,7 +75,7 @@ def load_checkpoint(path):
 
 
 def dims_from_state_dict(sd):
-    """Recover F/L/N/D dims, the prior type, first_pose and warp from the parameters (for lab
+    """Recover F/L/N/D dims, the prior type, first_pose, warp and pose_flow from the parameters (for lab
     checkpoints, and so that a checkpoint's weights decide the model that loads them)."""
     try:
         return dict(
@@ -86,6 +86,7 @@ def dims_from_state_dict(sd):
             prior="learned" if any(k.startswith("prior.") for k in sd) else "fixed",
             first_pose=any(k.startswith("pose_fusion.") for k in sd),
             warp=any(k.startswith("flow.") for k in sd),
+            pose_flow=any(k.startswith("flow_coarse.") for k in sd),
         )
     except KeyError as e:
         raise CheckpointError(f"the checkpoint's weights are not this model's (missing {e.args[0]})") from None
@@ -103,7 +104,7 @@ def model_args(ckpt):
 def check_dims(ckpt, args, path):
     """Raise CheckpointError naming each flag whose value differs from the checkpoint's."""
     found = dims_from_state_dict(ckpt["model"])
-    diff = [f"--{k} {getattr(args, k)} (checkpoint: {found[k]})" for k in MODEL_DIMS + ("prior", "first_pose", "warp")
+    diff = [f"--{k} {getattr(args, k)} (checkpoint: {found[k]})" for k in MODEL_DIMS + ("prior", "first_pose", "warp", "pose_flow")
             if getattr(args, k, found[k]) != found[k]]
     if diff:
         raise CheckpointError(f"{path} was written for other model dims: " + ", ".join(diff)

@@ -37,12 +37,36 @@ def kl_gaussians(mu_q, logvar_q, mu_p, logvar_p):
 FLOW_SCALE = 16.0
 
 
+# pose_flow works on COARSE x COARSE averages. Every module keeps the full resolution, and the flow
+# convolution sees the poses only as far as the encoders reach (about 13 pixels around a pixel at
+# 32 x 64); the dancer moves up to 30 pixels from where the first frame has them. At a quarter of
+# the size every block of pose t is matched against every block of the first pose, and four
+# convolutions (one dilated) reach about 40 pixels.
+COARSE = 4
+MATCH_DIM = 32  # channels of the pose matching's queries and keys
+
+
+def coarse_flow_net(channels):
+    """Averaged features and the pose match's displacement -> a flow at COARSE x COARSE blocks; the
+    last layer starts at zero, so the untrained model's flow is the fine one alone."""
+    net = nn.Sequential(
+        nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(0.1),
+        nn.Conv2d(channels, channels, 3, padding=2, dilation=2), nn.LeakyReLU(0.1),
+        nn.Conv2d(channels, channels, 3, padding=1), nn.LeakyReLU(0.1),
+        nn.Conv2d(channels, 2, 3, padding=1),
+    )
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)
+    return net
+
+
 def build_model(a):
     """The model that a dict of arguments describes: the Trainer's flags (vars(args)) or those
     stored in a checkpoint. Options missing from older checkpoints take their defaults."""
     return VAE_Model(a["F_dim"], a["L_dim"], a["N_dim"], a["D_out_dim"], prior=a.get("prior") or "fixed",
                      residual=bool(a.get("residual")), condition=a.get("condition") or "previous",
-                     first_pose=bool(a.get("first_pose")), warp=bool(a.get("warp")))
+                     first_pose=bool(a.get("first_pose")), warp=bool(a.get("warp")),
+                     pose_flow=bool(a.get("pose_flow")))
 
 
 def warp(img, flow):
@@ -60,6 +84,34 @@ def warp(img, flow):
     gy = (y + flow[:, 1] + 0.5) * (2.0 / H) - 1.0
     return F.grid_sample(img, torch.stack([gx, gy], -1), mode="bilinear", padding_mode="border",
                          align_corners=False)
+
+
+# Blurs (Gaussian sigma in pixels, 0 = none) at which the warp's own loss compares the warped frame
+# with the true one. A bilinear warp's gradient sees one pixel around each sampling point: on a
+# plain wall it is zero, so a flow that misses a dancer a few pixels wide is never pulled towards
+# them. Blurred, the dancer's edges reach several pixels further.
+WARP_BLURS = (0, 1, 2, 4)
+
+
+def blur(x, sigma):
+    """x (B, C, H, W) convolved with a Gaussian of sigma pixels (edges repeated); sigma 0 returns x."""
+    if sigma == 0:
+        return x
+    r = int(3 * sigma)
+    k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype, device=x.device) / sigma) ** 2)
+    k = k / k.sum()
+    C = x.shape[1]
+    x = F.conv2d(F.pad(x, (r, r, r, r), mode="replicate"), k.view(1, 1, 1, -1).expand(C, 1, 1, -1), groups=C)
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
+
+
+def warp_error(img, flow, target):
+    """The warp's own loss, summed over rows: for each row, the mean over WARP_BLURS of the mean
+    squared error between img warped by flow and target, both blurred. At least float32."""
+    dtype = torch.promote_types(torch.promote_types(img.dtype, flow.dtype), torch.float32)
+    img, target = img.to(dtype), target.to(dtype)
+    err = sum((warp(blur(img, s), flow) - blur(target, s)).pow(2).mean(dim=(1, 2, 3)) for s in WARP_BLURS)
+    return err.sum() / len(WARP_BLURS)
 
 
 def _flat(x):
@@ -104,10 +156,18 @@ class VAE_Model(nn.Module):
     pixels, colours and all, to where the pose puts them, and can pull wall over the place the
     dancer left; the Generator is left the corrections. Zero flow is the copy, so the untrained
     model is the one without it. The flow in pixels is the convolution's output times
-    `flow_scale` (a buffer, FLOW_SCALE for new models, 1 in checkpoints written before it existed)."""
+    `flow_scale` (a buffer, FLOW_SCALE for new models, 1 in checkpoints written before it existed).
+
+    pose_flow=True (not the lab's; needs warp and first_pose) adds a flow the 3x3 convolution cannot
+    find, the dancer being tens of pixels from where x_0 has them: every COARSE x COARSE block of
+    pose t attends over the blocks of x_0's pose (`pose_query`, `pose_key`, 1x1 convolutions of
+    the pose features), which gives the displacement to where that part of the dancer was
+    (`pose_match`); `flow_coarse`, four convolutions on the block averages of the Decoder_Fusion
+    output and that displacement, turns them into a flow, upsampled and added to the fine one. Its
+    last layer starts at zero, so the untrained model is the one without it."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
-                 condition="previous", first_pose=False, warp=False):
+                 condition="previous", first_pose=False, warp=False, pose_flow=False):
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
@@ -118,6 +178,9 @@ class VAE_Model(nn.Module):
                              "the previous frame)")
         if warp and not residual:
             raise ValueError("warp needs residual=True (the Generator's output is a change to the warped frame)")
+        if pose_flow and not (warp and first_pose):
+            raise ValueError("pose_flow needs warp=True and first_pose=True (it matches pose t against the "
+                             "first frame's pose and adds to the warp's flow)")
         self.N_dim, self.prior_type, self.residual, self.condition = N_dim, prior, residual, condition
         self.frame_transformation = RGB_Encoder(3, F_dim)
         self.label_transformation = Label_Encoder(3, L_dim)
@@ -134,6 +197,11 @@ class VAE_Model(nn.Module):
             nn.init.zeros_(self.flow.weight)
             nn.init.zeros_(self.flow.bias)
             self.register_buffer("flow_scale", torch.tensor(FLOW_SCALE))
+        self.F_dim = F_dim
+        self.flow_coarse = coarse_flow_net(D_out_dim + 2) if pose_flow else None
+        self.pose_query = nn.Conv2d(L_dim, MATCH_DIM, 1) if pose_flow else None
+        # No bias on the keys: it would add the same amount to every key a query is compared with.
+        self.pose_key = nn.Conv2d(L_dim, MATCH_DIM, 1, bias=False) if pose_flow else None
         if residual:
             nn.init.zeros_(self.Generator[-1].weight)
             nn.init.zeros_(self.Generator[-1].bias)
@@ -171,12 +239,21 @@ class VAE_Model(nn.Module):
 
     def condition_features(self, first_feat, first_label_feat=None):
         """Features of the frame every frame is generated from under condition="first": those of
-        x_0, plus those of its pose through pose_fusion when first_pose is on."""
+        x_0, plus those of its pose through pose_fusion when first_pose is on. With pose_flow the
+        pose's features follow as L_dim more channels (the flow matches pose t against them), so
+        every path that passes these features on passes them too; `_split` takes them apart."""
         if self.pose_fusion is None:
             return first_feat
         if first_label_feat is None:
             raise ValueError("a first_pose model needs the first frame's pose")
-        return first_feat + self.pose_fusion(first_label_feat)
+        feat = first_feat + self.pose_fusion(first_label_feat)
+        return feat if self.flow_coarse is None else torch.cat([feat, first_label_feat], 1)
+
+    def _split(self, prev_feat):
+        """Conditioning features -> (frame features, the first pose's features or None)."""
+        if self.flow_coarse is None:
+            return prev_feat, None
+        return prev_feat[:, :self.F_dim], prev_feat[:, self.F_dim:]
 
     def encode_first(self, first, first_label=None):
         """first (B, 3, H, W) and, for first_pose, its pose (B, 3, H, W) -> condition_features."""
@@ -195,34 +272,68 @@ class VAE_Model(nn.Module):
             shape = (prev_feat.shape[0], self.N_dim, *prev_feat.shape[2:])
             zero = prev_feat.new_zeros(shape)
             return zero, zero
-        _, mu, logvar = self.prior(prev_feat, label_feat)
+        _, mu, logvar = self.prior(self._split(prev_feat)[0], label_feat)
         return mu, logvar
 
     def decode(self, prev_feat, label_feat, z, prev_img):
         """Features of the previous frame, of pose t, and z_t -> frame t (unclamped). prev_img, the
         previous frame itself, is used only by the residual option."""
+        return self._decode(prev_feat, label_feat, z, prev_img)[0]
+
+    def _decode(self, prev_feat, label_feat, z, prev_img):
+        """decode(), and the flow in pixels (None without warp)."""
+        prev_feat, first_pose_feat = self._split(prev_feat)
         fused = self.Decoder_Fusion(prev_feat, label_feat, z)
         out = self.Generator(fused)
+        flow = None
         if self.flow is not None:
-            prev_img = warp(prev_img, self.flow(fused) * self.flow_scale)
-        return prev_img + out if self.residual else out
+            flow = self.flow(fused)
+            if self.flow_coarse is not None:
+                pooled = F.avg_pool2d(fused, COARSE, ceil_mode=True)
+                match = self.pose_match(label_feat, first_pose_feat).to(pooled.dtype)
+                coarse = self.flow_coarse(torch.cat([pooled, match], 1))
+                flow = flow + F.interpolate(coarse, size=fused.shape[-2:], mode="bilinear", align_corners=False)
+            flow = flow * self.flow_scale
+            prev_img = warp(prev_img, flow)
+        return (prev_img + out if self.residual else out), flow
 
-    def _frame_terms(self, prev_feat, prev_img, feat, label_feat, eps):
+    def pose_match(self, label_feat, first_pose_feat):
+        """Where each COARSE x COARSE block of pose t was in the first frame's pose: attention of
+        every block of pose t (query) over every block of the first pose (key), the expected
+        position minus the block's own, in FLOW_SCALE pixels, (B, 2, h, w). In float32."""
+        q = self.pose_query(F.avg_pool2d(label_feat, COARSE, ceil_mode=True))
+        k = self.pose_key(F.avg_pool2d(first_pose_feat, COARSE, ceil_mode=True))
+        h, w = q.shape[-2:]
+        q, k = q.flatten(2).transpose(1, 2).float(), k.flatten(2).float()  # (B, hw, d), (B, d, hw)
+        attn = torch.softmax(q @ k / MATCH_DIM ** 0.5, dim=-1)
+        y, x = torch.meshgrid(torch.arange(h, device=q.device, dtype=q.dtype),
+                              torch.arange(w, device=q.device, dtype=q.dtype), indexing="ij")
+        pos = torch.stack([x.flatten(), y.flatten()], -1)  # (hw, 2) in blocks, x first like a flow
+        return (attn @ pos - pos).transpose(1, 2).unflatten(2, (h, w)) * (COARSE / FLOW_SCALE)
+
+    def _warp_sum(self, prev_img, flow, target):
+        """warp_error summed over the rows, or a zero when the warp loss is off (target None)."""
+        if target is None or flow is None:
+            return flow.new_zeros(()) if flow is not None else prev_img.new_zeros((), dtype=torch.float32)
+        return warp_error(prev_img, flow, target)
+
+    def _frame_terms(self, prev_feat, prev_img, feat, label_feat, eps, target=None):
         """The training terms of predicted frames (rows): z_t ~ q(z | x_t, pose_t) from the true
-        frame's features `feat`, the frame decoded from the previous one, and KL(q || p) summed.
-        One function, so activation checkpointing can recompute a group of frames as a unit."""
+        frame's features `feat`, the frame decoded from the previous one, KL(q || p) summed, and
+        the warp error summed when `target` (the true frames) is given. One function, so
+        activation checkpointing can recompute a group of frames as a unit."""
         z, mu, logvar = self.Gaussian_Predictor(feat, label_feat, eps)
-        pred = self.decode(prev_feat, label_feat, z, prev_img)
+        pred, flow = self._decode(prev_feat, label_feat, z, prev_img)
         if self.prior is None:
             kl = kl_standard_normal(_wide(mu), _wide(logvar))
         else:
             mu_p, logvar_p = self.prior_params(prev_feat, label_feat)
             kl = kl_gaussians(_wide(mu), _wide(logvar), _wide(mu_p), _wide(logvar_p))
-        return pred, kl.sum()
+        return pred, kl.sum(), self._warp_sum(prev_img, flow, target)
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, img, label, teacher_forcing=True, eps=None, beta=1.0, recon="mse",
-                fast=True, grad_ckpt=False):
+                fast=True, grad_ckpt=False, warp_loss=0.0):
         """One training pass over sequences.
 
         img, label: (B, T, 3, H, W). teacher_forcing: a bool, or a bool sequence of length T-1 (one
@@ -235,16 +346,21 @@ class VAE_Model(nn.Module):
         grad_ckpt=True recomputes the frames in the backward pass one time step (B frames) at a
         time, so the activations held at once are those of B frames, not B*(T-1)
         (`_forward_checkpointed`, same function).
-        Returns dict(loss, recon, kl, pred) with pred (B, T-1, 3, H, W) unclamped.
-        loss = recon + beta * kl; recon is the mean per-pixel error, kl the KL summed over the
-        latent map and averaged over samples and frames.
+        warp_loss > 0 (a warp model only) adds the warp's own loss with that weight: the frame the
+        change is added to, warped by the predicted flow, against the true frame (warp_error).
+        Returns dict(loss, recon, kl, warp, pred) with pred (B, T-1, 3, H, W) unclamped.
+        loss = recon + beta * kl + warp_loss * warp; recon is the mean per-pixel error, kl the KL
+        summed over the latent map and averaged over samples and frames, warp the warp error
+        averaged over samples and frames (0 when warp_loss is 0).
         """
         B, T = img.shape[:2]
         tf = [bool(teacher_forcing)] * (T - 1) if isinstance(teacher_forcing, bool) else [bool(x) for x in teacher_forcing]
         if len(tf) != T - 1:
             raise ValueError(f"teacher_forcing needs {T - 1} entries, got {len(tf)}")
+        if warp_loss and self.flow is None:
+            raise ValueError("warp_loss needs a warp model")
         if grad_ckpt and torch.is_grad_enabled():
-            return self._forward_checkpointed(img, label, tf, eps, beta, recon, fast)
+            return self._forward_checkpointed(img, label, tf, eps, beta, recon, fast, warp_loss)
         # Labels and the posterior see only ground truth, so they run as one batch in both paths
         # (which also gives BatchNorm the same batch statistics in both). first_pose also reads
         # frame 0's pose, in the same batch.
@@ -264,14 +380,15 @@ class VAE_Model(nn.Module):
         cond = self.condition_features(frame_feat[:, 0], first_label_feat) if anchored else None
         if fast and (anchored or all(tf)):
             if anchored:
-                prev_feat = cond[:, None].expand(-1, T - 1, *frame_feat.shape[2:])
+                prev_feat = cond[:, None].expand(-1, T - 1, *cond.shape[1:])
                 prev_img = img[:, :1].expand(-1, T - 1, *img.shape[2:])
             else:
                 prev_feat, prev_img = frame_feat[:, :-1], img[:, :-1]
-            pred = self.decode(_flat(prev_feat), _flat(label_feat), _flat(z), _flat(prev_img))
+            pred, flow = self._decode(_flat(prev_feat), _flat(label_feat), _flat(z), _flat(prev_img))
+            warp_sum = self._warp_sum(_flat(prev_img), flow, _flat(img[:, 1:]) if warp_loss else None)
             pred = pred.unflatten(0, (B, T - 1))
         else:
-            preds, prev_feats, out = [], [], None
+            preds, prev_feats, out, warp_sum = [], [], None, 0.0
             for t in range(1, T):
                 if anchored:
                     prev_img, prev = img[:, 0], cond
@@ -281,7 +398,8 @@ class VAE_Model(nn.Module):
                 else:
                     prev_img = out.clamp(0, 1)
                     prev = self.frame_transformation(prev_img)
-                out = self.decode(prev, label_feat[:, t - 1], z[:, t - 1], prev_img)
+                out, flow = self._decode(prev, label_feat[:, t - 1], z[:, t - 1], prev_img)
+                warp_sum = warp_sum + self._warp_sum(prev_img, flow, img[:, t] if warp_loss else None)
                 preds.append(out)
                 prev_feats.append(prev)
             pred = torch.stack(preds, 1)
@@ -294,11 +412,15 @@ class VAE_Model(nn.Module):
         else:
             mu_p, logvar_p = self.prior_params(_flat(prev_feat), _flat(label_feat))
             kl = kl_gaussians(_wide(mu), _wide(logvar), _wide(mu_p), _wide(logvar_p))
-        kl = kl.sum() / (B * (T - 1))
-        rec = _wide(rec)
-        return dict(loss=rec + beta * kl, recon=rec, kl=kl, pred=pred)
+        return self._terms(rec, kl.sum(), warp_sum, B * (T - 1), beta, warp_loss, pred)
 
-    def _forward_checkpointed(self, img, label, tf, eps, beta, recon, fast):
+    @staticmethod
+    def _terms(rec, kl_sum, warp_sum, frames, beta, warp_loss, pred):
+        kl, warp_mean, rec = kl_sum / frames, warp_sum / frames, _wide(rec)
+        loss = rec + beta * kl + (warp_loss * warp_mean if warp_loss else 0.0)
+        return dict(loss=loss, recon=rec, kl=kl, warp=warp_mean, pred=pred)
+
+    def _forward_checkpointed(self, img, label, tf, eps, beta, recon, fast, warp_loss=0.0):
         """forward() with activation checkpointing per time step. Frames are flattened time-major
         (row t*B + b), so a time step's frames, frames 0..T-2 and frames 1..T-1 are contiguous
         row ranges (views, channels_last kept). The frame encoder and each time step's posterior,
@@ -317,15 +439,16 @@ class VAE_Model(nn.Module):
 
         anchored = self.condition == "first"  # every frame from frame 0: teacher forcing is moot
         cond = self.condition_features(frame_feat[:B], first_label_feat) if anchored else None
-        preds, kl = [], 0.0
+        preds, kl, warp_sum = [], 0.0, 0.0
         if fast and (anchored or all(tf)):
             for t in range(1, T):  # one time step (B frames) per recomputed group
                 now, before = slice(t * B, (t + 1) * B), slice((t - 1) * B, t * B)
                 prev = slice(0, B) if anchored else before
-                pred, k = self._ckpt(self._frame_terms, cond if anchored else frame_feat[prev], img_tm[prev],
-                                     frame_feat[now], label_feat[before], eps_tm[before])
+                pred, k, w = self._ckpt(self._frame_terms, cond if anchored else frame_feat[prev], img_tm[prev],
+                                        frame_feat[now], label_feat[before], eps_tm[before],
+                                        img_tm[now] if warp_loss else None)
                 preds.append(pred)
-                kl = kl + k
+                kl, warp_sum = kl + k, warp_sum + w
         else:
             out = None
             for t in range(1, T):
@@ -338,16 +461,15 @@ class VAE_Model(nn.Module):
                 else:
                     prev_img = out.clamp(0, 1)
                     prev = self._ckpt(self.frame_transformation, prev_img)
-                out, k = self._ckpt(self._frame_terms, prev, prev_img, frame_feat[t * B:(t + 1) * B],
-                                    label_feat[r], eps_tm[r])
+                out, k, w = self._ckpt(self._frame_terms, prev, prev_img, frame_feat[t * B:(t + 1) * B],
+                                       label_feat[r], eps_tm[r], img_tm[t * B:(t + 1) * B] if warp_loss else None)
                 preds.append(out)
-                kl = kl + k
+                kl, warp_sum = kl + k, warp_sum + w
         pred = torch.cat(preds)
         target = img_tm[B:]
         rec = F.mse_loss(pred, target) if recon == "mse" else F.l1_loss(pred, target)
-        kl = kl / (B * (T - 1))
-        rec = _wide(rec)
-        return dict(loss=rec + beta * kl, recon=rec, kl=kl, pred=pred.unflatten(0, (T - 1, B)).transpose(0, 1))
+        return self._terms(rec, kl, warp_sum, B * (T - 1), beta, warp_loss,
+                           pred.unflatten(0, (T - 1, B)).transpose(0, 1))
 
     # ---- generation ---------------------------------------------------------------------------
     def step(self, prev_img, label_feat, eps, z_mode="sample", prev_feat=None):

@@ -4,7 +4,7 @@ import argparse
 import os
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
-MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose", "warp")
+MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose", "warp", "pose_flow")
 KL_TYPES = ("Cyclical", "Monotonic", "Full_KL", "None")
 TF_MODES = ("epoch", "step", "frame")
 SCHEDULERS = ("multistep", "step", "cosine", "none")
@@ -54,6 +54,10 @@ def common_parser():
                    help="not the lab's, needs --residual: the change is added to the frame it is generated "
                         "from warped by a flow the model predicts (a 3x3 convolution starting at zero, times 16 pixels), "
                         "which moves that frame's pixels to the new pose (docs/RESULTS.md)")
+    g.add_argument("--pose_flow", action="store_true",
+                   help="not the lab's, needs --warp and --first_pose: a second flow at a quarter of the size, "
+                        "from matching every 4x4 block of pose t against the first frame's pose, added to the "
+                        "warp's; it reaches a dancer tens of pixels from where the first frame has them (docs/RESULTS.md)")
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     g.add_argument("--gpu", type=int, default=1,
@@ -94,6 +98,11 @@ def trainer_parser():
     g.add_argument("--recon", choices=("mse", "l1"), default="mse",
                    help="reconstruction loss (with --residual --condition first, l1 kept the model at "
                         "its starting copy of the first frame: docs/RESULTS.md)")
+    g.add_argument("--warp_loss", type=float, default=0.0,
+                   help="with --warp: weight of the warp's own loss, the frame warped by the predicted flow "
+                        "against the true frame, both blurred at 0, 1, 2 and 4 pixels, so the flow learns to find "
+                        "the dancer several pixels away (0, the default, trains the flow through the frame only; "
+                        "docs/RESULTS.md)")
     g.add_argument("--num_epoch", type=int, default=70)
     g.add_argument("--per_save", type=int, default=3, help="keep a checkpoint every this many epochs")
     g.add_argument("--partial", type=float, default=1.0, help="fraction of the training data used")
@@ -211,6 +220,9 @@ def check_model(args):
                           "each frame from the previous one)")
     if args.warp and not args.residual:
         raise ConfigError("--warp needs --residual (the Generator's output is a change to the warped frame)")
+    if args.pose_flow and not (args.warp and args.first_pose):
+        raise ConfigError("--pose_flow needs --warp and --first_pose (it matches pose t against the first "
+                          "frame's pose and adds to the warp's flow)")
     return args
 
 
@@ -230,6 +242,10 @@ def check_trainer(args):
             raise ConfigError(f"--{n} must lie in (0, 1], got {getattr(args, n)}")
     if args.grad_clip < 0 or args.weight_decay < 0 or args.tfr_sde < 0 or args.min_lr < 0 or args.warmup_epochs < 0:
         raise ConfigError("--grad_clip, --weight_decay, --tfr_sde, --min_lr and --warmup_epochs must be >= 0")
+    if args.warp_loss < 0:
+        raise ConfigError(f"--warp_loss must be >= 0, got {args.warp_loss}")
+    if args.warp_loss > 0 and not args.warp:
+        raise ConfigError("--warp_loss needs --warp (it is the loss of the warp's flow)")
     if args.gamma <= 0:
         raise ConfigError(f"--gamma must be positive (the learning rate is multiplied by it), got {args.gamma}")
     if args.scheduler == "cosine" and args.min_lr > args.lr:

@@ -75,6 +75,10 @@ def args_for_tester(dr, ckpt, *extra):
     (["--first_frame_from", "video"], "--first_frame_from video needs --condition first"),
     (["--first_pose"], "--first_pose needs --condition first"),
     (["--warp"], "--warp needs --residual"),
+    (["--residual", "--pose_flow"], "--pose_flow needs --warp and --first_pose"),
+    (["--residual", "--warp", "--pose_flow"], "--pose_flow needs --warp and --first_pose"),
+    (["--warp_loss", "1"], "--warp_loss needs --warp"),
+    (["--residual", "--warp", "--warp_loss", "-1"], "--warp_loss must be >= 0"),
 ])
 def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
     line = error_of(Trainer.main, [*args_for_trainer(trained[0]), *flags, "--save_root", tmp_path / "run"], capsys)
@@ -176,6 +180,8 @@ def test_bad_checkpoint(trained, tmp_path, capsys, main, kind):
     (["--prior", "learned"], ["--prior learned (checkpoint: fixed)"]),
     (["--condition", "first", "--first_pose"], ["--first_pose True (checkpoint: False)"]),
     (["--residual", "--warp"], ["--warp True (checkpoint: False)"]),
+    (["--residual", "--warp", "--condition", "first", "--first_pose", "--pose_flow"],
+     ["--pose_flow True (checkpoint: False)"]),
 ])
 def test_checkpoint_for_other_dims_names_the_flag(trained, tmp_path, capsys, flags, named):
     dr, good = trained

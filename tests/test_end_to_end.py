@@ -95,12 +95,13 @@ def test_tester_other_seed_changes_the_samples(run, tmp_path):
     assert csvs[0] != csvs[1]
 
 
-@pytest.mark.parametrize("stored", [{"first_pose": True, "warp": True}, {}])
+@pytest.mark.parametrize("stored", [{"first_pose": True, "warp": True, "pose_flow": True}, {}])
 def test_tester_rebuilds_the_model_options_from_the_checkpoint(tmp_path, stored):
     """--residual, --condition and --prior come back from the checkpoint's stored arguments;
-    --first_pose and --warp too, and from the weights where the arguments lack them."""
+    --first_pose, --warp and --pose_flow too, and from the weights where the arguments lack them."""
     from modules.checkpoint import save_checkpoint
-    model = VAE_Model(16, 8, 4, 16, prior="learned", residual=True, condition="first", first_pose=True, warp=True)
+    model = VAE_Model(16, 8, 4, 16, prior="learned", residual=True, condition="first", first_pose=True, warp=True,
+                      pose_flow=True)
     args = dict(F_dim=16, L_dim=8, N_dim=4, D_out_dim=16, prior="learned", residual=True, condition="first",
                 **stored)
     path = tmp_path / "last.ckpt"
@@ -108,7 +109,7 @@ def test_tester_rebuilds_the_model_options_from_the_checkpoint(tmp_path, stored)
     opts = Tester.tester_parser().parse_args(["--ckpt_path", str(path)])
     loaded, _ = Tester.load_model(str(path), opts)
     assert (loaded.prior_type, loaded.residual, loaded.condition, loaded.pose_fusion is not None,
-            loaded.flow is not None) == ("learned", True, "first", True, True)
+            loaded.flow is not None, loaded.flow_coarse is not None) == ("learned", True, "first", True, True, True)
 
 
 def test_lab_format_checkpoint_loads_in_tester(run, tmp_path):

@@ -1,11 +1,12 @@
 """The model: shapes, parameter names of the lab, KL, and the fast path against the plain one."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from modules import VAE_Model
 from modules.checkpoint import load_model_weights
-from modules.model import FLOW_SCALE, kl_gaussians, kl_standard_normal, warp
+from modules.model import FLOW_SCALE, WARP_BLURS, blur, kl_gaussians, kl_standard_normal, warp, warp_error
 from modules.modules import reparameterize
 from modules.runtime import Speed, make_step_fn, peak_memory_growth, prepare_model, rollout, with_bf16_convs
 
@@ -107,9 +108,9 @@ def test_kl_against_torch_distributions():
     torch.testing.assert_close(kl_gaussians(mu_q, lv_q, mu_p, lv_p), ref)
 
 
-def _loss_and_grads(model, img, lab, tf, eps, fast, grad_ckpt=False):
+def _loss_and_grads(model, img, lab, tf, eps, fast, grad_ckpt=False, warp_loss=0.0):
     model.zero_grad()
-    out = model(img, lab, tf, eps=eps, beta=0.7, fast=fast, grad_ckpt=grad_ckpt)
+    out = model(img, lab, tf, eps=eps, beta=0.7, fast=fast, grad_ckpt=grad_ckpt, warp_loss=warp_loss)
     out["loss"].backward()
     return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
@@ -254,18 +255,22 @@ def test_first_frame_condition_never_reads_its_own_frames():
         VAE_Model(*TINY, condition="last")
 
 
-def _assert_training_paths_agree(model, img, lab, eps):
-    """Batched against per-frame training in float32, and against checkpointed in float64 (it sums
-    the gradients per time step, which in float32 alone moves some by ~1e-5 relative, as in the
-    test above): loss, predictions and gradients. Returns the batched float32 gradients."""
+def _assert_training_paths_agree(model, img, lab, eps, warp_loss=0.0, per_frame_dtype=torch.float32):
+    """Batched against per-frame training in float32 (float64 where summation order alone moves
+    gradients by more, as for condition="first" with the learned prior above), and against
+    checkpointed in float64 (it sums the gradients per time step, which in float32 alone moves some
+    by ~1e-5 relative, as in the test above): loss, predictions and gradients. Returns the batched
+    gradients of the first comparison."""
     out = None
-    for dtype, other, rtol in ((torch.float32, dict(fast=False), 1e-5),
+    first_rtol = 1e-5 if per_frame_dtype == torch.float32 else 1e-10
+    for dtype, other, rtol in ((per_frame_dtype, dict(fast=False), first_rtol),
                                (torch.float64, dict(fast=True, grad_ckpt=True), 1e-10)):
         model.to(dtype)
         x, y, e = img.to(dtype), lab.to(dtype), eps.to(dtype)
-        a, ga = _loss_and_grads(model, x, y, True, e, fast=True)
-        b, gb = _loss_and_grads(model, x, y, True, e, **other)
+        a, ga = _loss_and_grads(model, x, y, True, e, fast=True, warp_loss=warp_loss)
+        b, gb = _loss_and_grads(model, x, y, True, e, warp_loss=warp_loss, **other)
         torch.testing.assert_close(a["loss"], b["loss"], rtol=rtol, atol=0)
+        torch.testing.assert_close(a["warp"], b["warp"], rtol=rtol, atol=0)
         torch.testing.assert_close(a["pred"], b["pred"], rtol=rtol, atol=rtol / 10)
         _assert_grads_close(ga, gb, rtol, model)
         out = out or ga
@@ -470,6 +475,18 @@ def test_warp_moves_pixels_by_the_flow():
     torch.testing.assert_close(warp(img, half)[..., 1:, :], (img[..., 1:, :] + img[..., :-1, :]) / 2)
 
 
+def _warp_rollouts_agree(model, first, lab, noise):
+    """The loop, the plain rollout and the fast one (float32, channels_last) give the same frames
+    of a warp model; returns the loop's."""
+    loop = model.generate(first, lab, noise)
+    # float32 rounding in the flow moves a sample point by ~1e-6 pixel, times the image's slope.
+    torch.testing.assert_close(model.generate_plain(first, lab, noise), loop, rtol=1e-4, atol=1e-5)
+    fast = rollout(model.to(memory_format=torch.channels_last), first, lab, noise,
+                   Speed(torch.device("cpu"), False, True, False, False, True))
+    torch.testing.assert_close(fast, loop, rtol=1e-4, atol=1e-5)
+    return loop
+
+
 @pytest.mark.parametrize("condition", ["first", "previous"])
 def test_warp_starts_as_the_model_without_it_and_every_path_agrees(condition):
     """warp: one more module (flow), starting at zero, so the untrained model is the one without it
@@ -493,17 +510,133 @@ def test_warp_starts_as_the_model_without_it_and_every_path_agrees(condition):
     model.eval()
     noise = model.sample_noise(2, 6, 32, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        loop = model.generate(img[:, 0], lab, noise)
-        # float32 rounding in the flow moves a sample point by ~1e-6 pixel, times the image's slope.
-        torch.testing.assert_close(model.generate_plain(img[:, 0], lab, noise), loop, rtol=1e-4, atol=1e-5)
-        fast = rollout(model.to(memory_format=torch.channels_last), img[:, 0], lab, noise,
-                       Speed(torch.device("cpu"), False, True, False, False, True))
-        torch.testing.assert_close(fast, loop, rtol=1e-4, atol=1e-5)
+        loop = _warp_rollouts_agree(model, img[:, 0], lab, noise)
         model.flow.weight.zero_()
         model.flow.bias.zero_()
         assert not torch.allclose(loop, model.generate(img[:, 0], lab, noise))  # the flow moved pixels
     with pytest.raises(ValueError, match="warp needs residual"):
         VAE_Model(*TINY, warp=True)
+
+
+@pytest.mark.parametrize("prior", ["fixed", "learned"])
+def test_pose_flow_starts_at_zero_and_every_path_agrees(prior):
+    """pose_flow: three more modules (the pose match's query and key, the coarse flow); the coarse
+    flow's last layer starts at zero, so the untrained model is the one without it. Trained
+    (jittered): batched, per-frame and checkpointed training agree (its gradients included), the
+    rollouts agree, and it moves pixels. It works at frame sizes its block does not divide."""
+    torch.manual_seed(0)
+    opts = dict(prior=prior, residual=True, condition="first", first_pose=True, warp=True)
+    fresh, without = VAE_Model(*TINY, **opts, pose_flow=True), VAE_Model(*TINY, **opts)
+    added = sorted(set(fresh.state_dict()) - set(without.state_dict()))
+    assert {k.split(".")[0] for k in added} == {"flow_coarse", "pose_query", "pose_key"}
+    without.load_state_dict({k: v for k, v in fresh.state_dict().items() if k not in added})
+    img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
+    eps = torch.randn(2, 5, TINY[2], 32, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(img, lab, True, eps=eps)["pred"], without(img, lab, True, eps=eps)["pred"],
+                                   rtol=0, atol=0)
+
+    model = jitter(VAE_Model(*TINY, **opts, pose_flow=True))
+    torch.nn.init.normal_(model.flow_coarse[-1].weight, std=0.1)
+    grads = _assert_training_paths_agree(model, img, lab, eps,
+                                         per_frame_dtype=torch.float64 if prior == "learned" else torch.float32)
+    assert grads["pose_query.weight"].norm() > 0 and grads["flow_coarse.0.weight"].norm() > 0
+    model.eval()
+    noise = model.sample_noise(2, 6, 32, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        loop = _warp_rollouts_agree(model, img[:, 0], lab, noise)
+        odd = model.generate(img[:, 0, :, :30, :62], lab[..., :30, :62], noise[..., :30, :62])
+        assert odd.shape[-2:] == (30, 62) and torch.isfinite(odd).all()
+        model.flow_coarse[-1].weight.zero_()
+        model.flow_coarse[-1].bias.zero_()
+        assert not torch.allclose(loop, model.generate(img[:, 0], lab, noise))  # the coarse flow moved pixels
+    with pytest.raises(ValueError, match="pose_flow needs warp=True and first_pose=True"):
+        VAE_Model(*TINY, residual=True, condition="first", warp=True, pose_flow=True)
+
+
+def test_pose_match_finds_where_a_block_of_the_pose_was():
+    """pose_match: each block of pose t moves by the attention-weighted position of the first
+    pose's blocks. With keys that single out one block (one-hot features, large weights), a block
+    of pose t whose features match the block at (x0, y0) gets (x0 - x, y0 - y) blocks, in
+    FLOW_SCALE pixels."""
+    model = VAE_Model(*TINY, residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)
+    L, H, W = TINY[1], 32, 64
+    with torch.no_grad():
+        for conv in (model.pose_query, model.pose_key):
+            conv.weight.zero_()
+            if conv.bias is not None:
+                conv.bias.zero_()
+            conv.weight[:L, :, 0, 0] = 20.0 * torch.eye(L)
+    first, now = torch.zeros(1, L, H, W), torch.zeros(1, L, H, W)
+    first[0, 3, 8:12, 40:44] = 1.0  # feature 3 in block (x 10, y 2) of the first pose
+    now[0, 3, 20:24, 4:8] = 1.0  # and in block (x 1, y 5) of pose t
+    with torch.no_grad():
+        d = model.pose_match(now, first)
+    assert d.shape == (1, 2, H // 4, W // 4)
+    torch.testing.assert_close(d[0, :, 5, 1], torch.tensor([10.0 - 1, 2.0 - 5]) * 4 / FLOW_SCALE, rtol=0, atol=1e-4)
+
+
+def test_blur_and_warp_error():
+    """blur: a normalised Gaussian (a constant image stays constant, a point spreads symmetrically
+    and keeps its sum in the interior). warp_error: per row, the mean over WARP_BLURS of the mean
+    squared error of the blurred warped image against the blurred target, summed over rows; 0
+    where the flow maps the image onto the target."""
+    torch.manual_seed(0)
+    const = torch.full((1, 3, 16, 32), 0.3)
+    torch.testing.assert_close(blur(const, 2), const)
+    point = torch.zeros(1, 1, 31, 31)
+    point[..., 15, 15] = 1.0
+    b = blur(point, 2)
+    torch.testing.assert_close(b.sum(), torch.tensor(1.0))
+    torch.testing.assert_close(b, b.flip(-1))
+    torch.testing.assert_close(b, b.transpose(-1, -2))
+    assert torch.equal(blur(point, 0), point)
+
+    img, target = torch.rand(3, 3, 16, 32), torch.rand(3, 3, 16, 32)
+    flow = torch.randn(3, 2, 16, 32)
+    expected = sum(sum(F.mse_loss(warp(blur(img[i:i + 1], s), flow[i:i + 1]), blur(target[i:i + 1], s))
+                       for s in WARP_BLURS) for i in range(3)) / len(WARP_BLURS)
+    torch.testing.assert_close(warp_error(img, flow, target), expected)
+    right = torch.zeros(3, 2, 16, 32)
+    right[:, 0] = 1.0
+    shifted = warp(img, right)  # every pixel moved one to the left, the right edge repeated
+    # Blur and warp commute but at the right edge, where both repeat the edge pixel differently.
+    assert warp_error(img, right, shifted) < 1e-2 * warp_error(img, torch.zeros_like(right), shifted)
+
+
+@pytest.mark.parametrize("condition", ["first", "previous"])
+def test_warp_loss_adds_the_warp_error_and_every_path_agrees(condition):
+    """warp_loss w: loss = recon + beta * kl + w * warp, warp being warp_error of the frame the
+    change is added to (the first or the previous true frame) warped by the model's flow, averaged
+    over frames; batched, per-frame and checkpointed training agree with it on; it changes the flow's
+    gradients; w = 0 leaves the loss as it was; a model without warp refuses it."""
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(*TINY, residual=True, condition=condition, warp=True,
+                             first_pose=condition == "first", pose_flow=condition == "first"))
+    torch.nn.init.normal_(model.Generator[-1].weight, std=0.1)
+    torch.nn.init.normal_(model.flow.weight, std=0.05)
+    img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
+    eps = torch.randn(2, 5, TINY[2], 32, 64)
+    off, g_off = _loss_and_grads(model, img, lab, True, eps, fast=True)
+    on, g_on = _loss_and_grads(model, img, lab, True, eps, fast=True, warp_loss=0.5)
+    assert off["warp"].item() == 0
+    torch.testing.assert_close(off["loss"], off["recon"] + 0.7 * off["kl"], rtol=0, atol=0)
+    torch.testing.assert_close(on["loss"], on["recon"] + 0.7 * on["kl"] + 0.5 * on["warp"])
+    assert on["warp"] > 0
+    assert not torch.allclose(g_on["flow.weight"], g_off["flow.weight"])
+    # By hand: the flow decode used, the frame it warped, and frame t as the target.
+    seen, decode = [], model._decode
+    model._decode = lambda *a: seen.append((a[3], decode(*a)[1])) or decode(*a)
+    with torch.no_grad():
+        again = model(img, lab, True, eps=eps, beta=0.7, warp_loss=0.5)
+    del model._decode
+    (prev_img, flow), = seen
+    torch.testing.assert_close(prev_img, (img[:, :1].expand(-1, 5, -1, -1, -1) if condition == "first"
+                                          else img[:, :-1]).flatten(0, 1))
+    torch.testing.assert_close(again["warp"], warp_error(prev_img, flow, img[:, 1:].flatten(0, 1)) / 10)
+    _assert_training_paths_agree(model, img, lab, eps, warp_loss=0.5)
+    with pytest.raises(ValueError, match="warp_loss needs a warp model"):
+        VAE_Model(*TINY, residual=True)(img, lab, True, eps=eps, warp_loss=0.5)
 
 
 def test_flow_scale_and_checkpoints_written_before_it():
