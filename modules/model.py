@@ -312,9 +312,10 @@ class VAE_Model(nn.Module):
         return (attn @ pos - pos).transpose(1, 2).unflatten(2, (h, w)) * (COARSE / FLOW_SCALE)
 
     def _warp_sum(self, prev_img, flow, target):
-        """warp_error summed over the rows, or a zero when the warp loss is off (target None)."""
-        if target is None or flow is None:
-            return flow.new_zeros(()) if flow is not None else prev_img.new_zeros((), dtype=torch.float32)
+        """warp_error summed over the rows, or a zero when the warp loss is off (target None; forward
+        refuses the loss for a model without a flow)."""
+        if target is None:
+            return prev_img.new_zeros((), dtype=torch.float32)
         return warp_error(prev_img, flow, target)
 
     def _frame_terms(self, prev_feat, prev_img, feat, label_feat, eps, target=None):
