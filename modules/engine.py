@@ -175,7 +175,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
         try:
             with speed.autocast():
                 out = train_model(img, label, tf, eps=eps, beta=beta, recon=args.recon, fast=speed.fast,
-                                  grad_ckpt=args.grad_ckpt, warp_loss=getattr(args, "warp_loss", 0.0))
+                                  grad_ckpt=args.grad_ckpt, warp_loss=args.warp_loss)
             loss = out["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -418,8 +418,7 @@ class VAE_Model(nn.Module):
     @staticmethod
     def _terms(rec, kl_sum, warp_sum, frames, beta, warp_loss, pred):
         kl, warp_mean, rec = kl_sum / frames, warp_sum / frames, _wide(rec)
-        loss = rec + beta * kl + (warp_loss * warp_mean if warp_loss else 0.0)
-        return dict(loss=loss, recon=rec, kl=kl, warp=warp_mean, pred=pred)
+        return dict(loss=rec + beta * kl + warp_loss * warp_mean, recon=rec, kl=kl, warp=warp_mean, pred=pred)
 
     def _forward_checkpointed(self, img, label, tf, eps, beta, recon, fast, warp_loss=0.0):
         """forward() with activation checkpointing per time step. Frames are flattened time-major
