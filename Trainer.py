@@ -333,7 +333,13 @@ def _train(args, d, stop):
     optimizer = build_optimizer(model, args, speed)
     start_epoch, progress, best_psnr, nan_skipped = 0, None, float("-inf"), 0
     if ckpt is not None and "optimizer" in ckpt and ckpt.get("format") == FORMAT:
-        optimizer.load_state_dict(ckpt["optimizer"])
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except ValueError:  # its parameters are not this model's (the weights loaded with defaults)
+            raise CheckpointError(f"{args.ckpt_path}: its optimizer state holds other parameters than this "
+                                  "model's (written before a module was added to the model, e.g. --pose_flow's "
+                                  "dancer layer); Tester.py still tests it, but training cannot continue "
+                                  "from it: start a new run") from None
         start_epoch, progress = ckpt["epoch"], ckpt.get("progress")
         best_psnr, nan_skipped = ckpt.get("best_psnr", best_psnr), ckpt.get("nan_skipped", 0)
         if d.world_size == 1:

@@ -116,6 +116,12 @@ def load_model_weights(model, ckpt, path):
     if "flow.weight" in sd and "flow_scale" not in sd:
         # Written before the flow had a scale: its flow was the convolution's output as it is.
         sd = {**sd, "flow_scale": torch.tensor(1.0)}
+    if "flow_coarse.0.weight" in sd and "dancer_mask.weight" not in sd:
+        # pose_flow written before the dancer layer: a mask that is zero everywhere (sigmoid(-inf))
+        # is that model's function exactly.
+        w = sd["flow.weight"]
+        sd = {**sd, "dancer_mask.weight": w.new_zeros(1, *w.shape[1:]),
+              "dancer_mask.bias": w.new_full((1,), float("-inf"))}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -44,6 +44,11 @@ FLOW_SCALE = 16.0
 # convolutions (one dilated) reach about 40 pixels.
 COARSE = 4
 MATCH_DIM = 32  # channels of the pose matching's queries and keys
+# The dancer layer's mask starts at sigmoid(-4) = 0.018: the untrained model is within 2 % of the one
+# without it, and the mask can learn from the first step everywhere. (A mask clamped to [0, 1]
+# starting at exactly zero would be pushed below zero, and stop learning, wherever the untrained
+# match is wrong.)
+MASK_START = -4.0
 
 
 def coarse_flow_net(channels):
@@ -164,7 +169,12 @@ class VAE_Model(nn.Module):
     the pose features), which gives the displacement to where that part of the dancer was
     (`pose_match`); `flow_coarse`, four convolutions on the block averages of the Decoder_Fusion
     output and that displacement, turns them into a flow, upsampled and added to the fine one. Its
-    last layer starts at zero, so the untrained model is the one without it."""
+    last layer starts at zero. The match also moves x_0 by itself, a second layer: the dancer
+    carried from where x_0 has them, which `dancer_mask` (a 3x3 convolution on the Decoder_Fusion
+    output, then a sigmoid) blends over the warped frame. A flow cannot learn a move of tens of
+    pixels from gradients that see a few pixels around where it reads; a blend of two images learns
+    per pixel which is right. With the warp loss (forward's warp_loss) the match is also trained to
+    be a correspondence: the first pose's colours, read through the attention, against pose t's."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
                  condition="previous", first_pose=False, warp=False, pose_flow=False):
@@ -200,6 +210,10 @@ class VAE_Model(nn.Module):
         self.F_dim = F_dim
         self.flow_coarse = coarse_flow_net(D_out_dim + 2) if pose_flow else None
         self.pose_query = nn.Conv2d(L_dim, MATCH_DIM, 1) if pose_flow else None
+        self.dancer_mask = nn.Conv2d(D_out_dim, 1, 3, padding=1) if pose_flow else None
+        if pose_flow:
+            nn.init.zeros_(self.dancer_mask.weight)
+            nn.init.constant_(self.dancer_mask.bias, MASK_START)
         # No bias on the keys: it would add the same amount to every key a query is compared with.
         self.pose_key = nn.Conv2d(L_dim, MATCH_DIM, 1, bias=False) if pose_flow else None
         if residual:
@@ -281,7 +295,7 @@ class VAE_Model(nn.Module):
         return self._decode(prev_feat, label_feat, z, prev_img)[0]
 
     def _decode(self, prev_feat, label_feat, z, prev_img):
-        """decode(), and the flow in pixels (None without warp)."""
+        """decode(), and the flow in pixels (None without warp; pose_flow's dancer layer not included)."""
         prev_feat, first_pose_feat = self._split(prev_feat)
         fused = self.Decoder_Fusion(prev_feat, label_feat, z)
         out = self.Generator(fused)
@@ -290,26 +304,48 @@ class VAE_Model(nn.Module):
             flow = self.flow(fused)
             if self.flow_coarse is not None:
                 pooled = F.avg_pool2d(fused, COARSE, ceil_mode=True)
-                match = self.pose_match(label_feat, first_pose_feat).to(pooled.dtype)
-                coarse = self.flow_coarse(torch.cat([pooled, match], 1))
+                match = self.pose_match(label_feat, first_pose_feat)  # float32, kept so for the layer
+                coarse = self.flow_coarse(torch.cat([pooled, match.to(pooled.dtype)], 1))
                 flow = flow + F.interpolate(coarse, size=fused.shape[-2:], mode="bilinear", align_corners=False)
+                match = F.interpolate(match, size=fused.shape[-2:], mode="bilinear", align_corners=False)
+                dancer = warp(prev_img, match * self.flow_scale)
             flow = flow * self.flow_scale
-            prev_img = warp(prev_img, flow)
+            warped = warp(prev_img, flow)
+            if self.flow_coarse is not None:
+                mask = torch.sigmoid(self.dancer_mask(fused))
+                warped = warped + mask * (dancer - warped)
+            prev_img = warped
         return (prev_img + out if self.residual else out), flow
 
     def pose_match(self, label_feat, first_pose_feat):
         """Where each COARSE x COARSE block of pose t was in the first frame's pose: attention of
         every block of pose t (query) over every block of the first pose (key), the expected
         position minus the block's own, in FLOW_SCALE pixels, (B, 2, h, w). In float32."""
+        attn, (h, w) = self._match_attn(label_feat, first_pose_feat)
+        y, x = torch.meshgrid(torch.arange(h, device=attn.device, dtype=attn.dtype),
+                              torch.arange(w, device=attn.device, dtype=attn.dtype), indexing="ij")
+        pos = torch.stack([x.flatten(), y.flatten()], -1)  # (hw, 2) in blocks, x first like a flow
+        return (attn @ pos - pos).transpose(1, 2).unflatten(2, (h, w)) * (COARSE / FLOW_SCALE)
+
+    def _match_attn(self, label_feat, first_pose_feat):
+        """The pose match's attention (B, hw of pose t, hw of the first pose) and (h, w), in float32."""
         q = self.pose_query(F.avg_pool2d(label_feat, COARSE, ceil_mode=True))
         k = self.pose_key(F.avg_pool2d(first_pose_feat, COARSE, ceil_mode=True))
         h, w = q.shape[-2:]
         q, k = q.flatten(2).transpose(1, 2).float(), k.flatten(2).float()  # (B, hw, d), (B, d, hw)
-        attn = torch.softmax(q @ k / MATCH_DIM ** 0.5, dim=-1)
-        y, x = torch.meshgrid(torch.arange(h, device=q.device, dtype=q.dtype),
-                              torch.arange(w, device=q.device, dtype=q.dtype), indexing="ij")
-        pos = torch.stack([x.flatten(), y.flatten()], -1)  # (hw, 2) in blocks, x first like a flow
-        return (attn @ pos - pos).transpose(1, 2).unflatten(2, (h, w)) * (COARSE / FLOW_SCALE)
+        return torch.softmax(q @ k / MATCH_DIM ** 0.5, dim=-1), (h, w)
+
+    def match_error(self, label_feat, first_pose_feat, label, first_label):
+        """How far the pose match is from a correspondence, summed over the rows: the first pose
+        image's COARSE x COARSE block means, read through the attention, against pose t's block
+        means (mean squared error per row). The poses draw every limb in its own colour, so the
+        attention that reproduces pose t's colours points at the same limb in the first pose. Its
+        gradient reaches every block of the first pose, however far, which the flow's does not."""
+        attn, _ = self._match_attn(label_feat, first_pose_feat)
+
+        def blocks(x):
+            return F.avg_pool2d(x.float(), COARSE, ceil_mode=True).flatten(2).transpose(1, 2)
+        return (attn @ blocks(first_label) - blocks(label)).pow(2).mean(dim=(1, 2)).sum()
 
     def _warp_sum(self, prev_img, flow, target):
         """warp_error summed over the rows, or a zero when the warp loss is off (target None; forward
@@ -348,11 +384,12 @@ class VAE_Model(nn.Module):
         time, so the activations held at once are those of B frames, not B*(T-1)
         (`_forward_checkpointed`, same function).
         warp_loss > 0 (a warp model only) adds the warp's own loss with that weight: the frame the
-        change is added to, warped by the predicted flow, against the true frame (warp_error).
+        change is added to, warped by the predicted flow, against the true frame (warp_error), and
+        for pose_flow the pose match's error (match_error).
         Returns dict(loss, recon, kl, warp, pred) with pred (B, T-1, 3, H, W) unclamped.
         loss = recon + beta * kl + warp_loss * warp; recon is the mean per-pixel error, kl the KL
         summed over the latent map and averaged over samples and frames, warp the warp error
-        averaged over samples and frames (0 when warp_loss is 0).
+        averaged over samples and frames, the match's added for pose_flow (0 when warp_loss is 0).
         """
         B, T = img.shape[:2]
         tf = [bool(teacher_forcing)] * (T - 1) if isinstance(teacher_forcing, bool) else [bool(x) for x in teacher_forcing]
@@ -406,6 +443,10 @@ class VAE_Model(nn.Module):
             pred = torch.stack(preds, 1)
             prev_feat = torch.stack(prev_feats, 1)
 
+        if warp_loss and self.flow_coarse is not None:
+            first_rows = first_label_feat[:, None].expand(-1, T - 1, *first_label_feat.shape[1:])
+            warp_sum = warp_sum + self.match_error(_flat(label_feat), _flat(first_rows), _flat(label[:, 1:]),
+                                                   _flat(label[:, :1].expand(-1, T - 1, *label.shape[2:])))
         target = img[:, 1:]
         rec = F.mse_loss(pred, target) if recon == "mse" else F.l1_loss(pred, target)
         if self.prior is None:
@@ -465,6 +506,9 @@ class VAE_Model(nn.Module):
                                        label_feat[r], eps_tm[r], img_tm[t * B:(t + 1) * B] if warp_loss else None)
                 preds.append(out)
                 kl, warp_sum = kl + k, warp_sum + w
+        if warp_loss and self.flow_coarse is not None:
+            warp_sum = warp_sum + self.match_error(label_feat, first_label_feat.repeat(T - 1, 1, 1, 1),
+                                                   _time_major(label[:, 1:]), label[:, 0].repeat(T - 1, 1, 1, 1))
         pred = torch.cat(preds)
         target = img_tm[B:]
         rec = F.mse_loss(pred, target) if recon == "mse" else F.l1_loss(pred, target)

@@ -55,9 +55,11 @@ def common_parser():
                         "from warped by a flow the model predicts (a 3x3 convolution starting at zero, times 16 pixels), "
                         "which moves that frame's pixels to the new pose (docs/RESULTS.md)")
     g.add_argument("--pose_flow", action="store_true",
-                   help="not the lab's, needs --warp and --first_pose: a second flow at a quarter of the size, "
-                        "from matching every 4x4 block of pose t against the first frame's pose, added to the "
-                        "warp's; it reaches a dancer tens of pixels from where the first frame has them (docs/RESULTS.md)")
+                   help="not the lab's, needs --warp and --first_pose: every 4x4 block of pose t is matched "
+                        "against the first frame's pose; the match gives a second flow at a quarter of the size, "
+                        "added to the warp's, and moves the first frame by itself as a second layer, blended "
+                        "in by a learned mask, so a dancer tens of pixels from where the first frame has them "
+                        "is carried there (use with --warp_loss; docs/RESULTS.md)")
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     g.add_argument("--gpu", type=int, default=1,
@@ -101,8 +103,9 @@ def trainer_parser():
     g.add_argument("--warp_loss", type=float, default=0.0,
                    help="with --warp: weight of the warp's own loss, the frame warped by the predicted flow "
                         "against the true frame, both blurred at 0, 1, 2 and 4 pixels, so the flow learns to find "
-                        "the dancer several pixels away (0, the default, trains the flow through the frame only; "
-                        "docs/RESULTS.md)")
+                        "the dancer several pixels away; with --pose_flow also the match's error (the first "
+                        "pose's colours read through the match against pose t's), which trains the match to "
+                        "find each limb (0, the default, trains the flow through the frame only; docs/RESULTS.md)")
     g.add_argument("--num_epoch", type=int, default=70)
     g.add_argument("--per_save", type=int, default=3, help="keep a checkpoint every this many epochs")
     g.add_argument("--partial", type=float, default=1.0, help="fraction of the training data used")

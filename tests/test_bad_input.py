@@ -190,6 +190,21 @@ def test_checkpoint_for_other_dims_names_the_flag(trained, tmp_path, capsys, fla
     assert all(n in line for n in named)
 
 
+def test_checkpoint_whose_optimizer_holds_other_parameters(trained, tmp_path, capsys):
+    """A checkpoint written before a module was added (its optimizer state one parameter short, as a
+    --pose_flow run's from before the dancer layer) cannot be trained on: named, with what to do."""
+    dr, good = trained
+    ckpt = torch.load(good, weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][0]
+    ckpt["optimizer"]["state"].pop(group["params"].pop())
+    path = str(tmp_path / "older.ckpt")
+    torch.save(ckpt, path)
+    line = error_of(Trainer.main, ["--DR", dr, *TINY, "--num_epoch", "2", "--ckpt_path", path,
+                                   "--save_root", tmp_path / "run"], capsys)
+    assert path in line and "optimizer state holds other parameters than this model's" in line
+    assert "start a new run" in line
+
+
 def test_lab_checkpoint_with_other_dims_names_the_flags(trained, tmp_path, capsys):
     """Checkpoints written by lab code hold only {"state_dict", ...}; the dims come off the weights."""
     dr, good = trained

@@ -6,7 +6,7 @@ from torch.distributions import Normal, kl_divergence
 
 from modules import VAE_Model
 from modules.checkpoint import load_model_weights
-from modules.model import FLOW_SCALE, WARP_BLURS, blur, kl_gaussians, kl_standard_normal, warp, warp_error
+from modules.model import FLOW_SCALE, MASK_START, WARP_BLURS, blur, kl_gaussians, kl_standard_normal, warp, warp_error
 from modules.modules import reparameterize
 from modules.runtime import Speed, make_step_fn, peak_memory_growth, prepare_model, rollout, with_bf16_convs
 
@@ -519,22 +519,28 @@ def test_warp_starts_as_the_model_without_it_and_every_path_agrees(condition):
 
 
 @pytest.mark.parametrize("prior", ["fixed", "learned"])
-def test_pose_flow_starts_at_zero_and_every_path_agrees(prior):
-    """pose_flow: three more modules (the pose match's query and key, the coarse flow); the coarse
-    flow's last layer starts at zero, so the untrained model is the one without it. Trained
-    (jittered): batched, per-frame and checkpointed training agree (its gradients included), the
-    rollouts agree, and it moves pixels. It works at frame sizes its block does not divide."""
+def test_pose_flow_starts_near_the_model_without_and_every_path_agrees(prior):
+    """pose_flow: four more modules (the pose match's query and key, the coarse flow, the dancer
+    layer's mask); the coarse flow's last layer starts at zero and the mask at sigmoid(MASK_START)
+    everywhere, so with the mask off the untrained model is the one without it, and with it the
+    dancer layer is 1.8 % of the frame. Trained (jittered): batched, per-frame and checkpointed
+    training agree (its gradients included), the rollouts agree, and the coarse flow and the dancer
+    layer move pixels. It works at frame sizes its block does not divide."""
     torch.manual_seed(0)
     opts = dict(prior=prior, residual=True, condition="first", first_pose=True, warp=True)
     fresh, without = VAE_Model(*TINY, **opts, pose_flow=True), VAE_Model(*TINY, **opts)
     added = sorted(set(fresh.state_dict()) - set(without.state_dict()))
-    assert {k.split(".")[0] for k in added} == {"flow_coarse", "pose_query", "pose_key"}
+    assert {k.split(".")[0] for k in added} == {"flow_coarse", "pose_query", "pose_key", "dancer_mask"}
     without.load_state_dict({k: v for k, v in fresh.state_dict().items() if k not in added})
     img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
     eps = torch.randn(2, 5, TINY[2], 32, 64)
     with torch.no_grad():
-        torch.testing.assert_close(fresh(img, lab, True, eps=eps)["pred"], without(img, lab, True, eps=eps)["pred"],
-                                   rtol=0, atol=0)
+        base = without(img, lab, True, eps=eps)["pred"]
+        assert not torch.allclose(fresh(img, lab, True, eps=eps)["pred"], base)
+        assert torch.all(fresh.dancer_mask.weight == 0)
+        torch.testing.assert_close(fresh.dancer_mask.bias, torch.tensor([MASK_START]))
+        fresh.dancer_mask.bias.fill_(float("-inf"))
+        torch.testing.assert_close(fresh(img, lab, True, eps=eps)["pred"], base, rtol=0, atol=0)
 
     model = jitter(VAE_Model(*TINY, **opts, pose_flow=True))
     torch.nn.init.normal_(model.flow_coarse[-1].weight, std=0.1)
@@ -549,16 +555,18 @@ def test_pose_flow_starts_at_zero_and_every_path_agrees(prior):
         assert odd.shape[-2:] == (30, 62) and torch.isfinite(odd).all()
         model.flow_coarse[-1].weight.zero_()
         model.flow_coarse[-1].bias.zero_()
-        assert not torch.allclose(loop, model.generate(img[:, 0], lab, noise))  # the coarse flow moved pixels
+        no_coarse = model.generate(img[:, 0], lab, noise)
+        assert not torch.allclose(loop, no_coarse)  # the coarse flow moved pixels
+        model.dancer_mask.bias.fill_(float("-inf"))
+        assert not torch.allclose(no_coarse, model.generate(img[:, 0], lab, noise))  # so did the dancer layer
     with pytest.raises(ValueError, match="pose_flow needs warp=True and first_pose=True"):
         VAE_Model(*TINY, residual=True, condition="first", warp=True, pose_flow=True)
 
 
-def test_pose_match_finds_where_a_block_of_the_pose_was():
-    """pose_match: each block of pose t moves by the attention-weighted position of the first
-    pose's blocks. With keys that single out one block (one-hot features, large weights), a block
-    of pose t whose features match the block at (x0, y0) gets (x0 - x, y0 - y) blocks, in
-    FLOW_SCALE pixels."""
+def _one_hot_match():
+    """A pose_flow model whose match keys single out one block (one-hot features, large weights),
+    and pose features with feature 3 in block (x 10, y 2) of the first pose and in block (x 1, y 5)
+    of pose t (blocks of 4 x 4 pixels, 32 x 64 frames)."""
     model = VAE_Model(*TINY, residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)
     L, H, W = TINY[1], 32, 64
     with torch.no_grad():
@@ -568,12 +576,47 @@ def test_pose_match_finds_where_a_block_of_the_pose_was():
                 conv.bias.zero_()
             conv.weight[:L, :, 0, 0] = 20.0 * torch.eye(L)
     first, now = torch.zeros(1, L, H, W), torch.zeros(1, L, H, W)
-    first[0, 3, 8:12, 40:44] = 1.0  # feature 3 in block (x 10, y 2) of the first pose
-    now[0, 3, 20:24, 4:8] = 1.0  # and in block (x 1, y 5) of pose t
+    first[0, 3, 8:12, 40:44] = 1.0
+    now[0, 3, 20:24, 4:8] = 1.0
+    return model, first, now
+
+
+def test_pose_match_finds_where_a_block_of_the_pose_was():
+    """pose_match: each block of pose t moves by the attention-weighted position of the first
+    pose's blocks. With keys that single out one block (one-hot features, large weights), a block
+    of pose t whose features match the block at (x0, y0) gets (x0 - x, y0 - y) blocks, in
+    FLOW_SCALE pixels."""
+    model, first, now = _one_hot_match()
+    H, W = first.shape[-2:]
     with torch.no_grad():
         d = model.pose_match(now, first)
     assert d.shape == (1, 2, H // 4, W // 4)
     torch.testing.assert_close(d[0, :, 5, 1], torch.tensor([10.0 - 1, 2.0 - 5]) * 4 / FLOW_SCALE, rtol=0, atol=1e-4)
+
+
+def test_match_error_reads_the_first_poses_colours_through_the_match():
+    """match_error: the first pose image's block means read through the match's attention, against
+    pose t's, mean squared per row, summed. With _one_hot_match's keys and pose images whose
+    colours sit where those features are, the match that finds the block reproduces it there; pose
+    t's empty blocks attend evenly and read the first pose's mean; a wrong colour in the matched
+    block adds its squared difference, averaged over the row."""
+    model, first, now = _one_hot_match()
+    first, now = first.expand(2, -1, -1, -1), now.expand(2, -1, -1, -1)
+    H, W = first.shape[-2:]
+    first_img, now_img = torch.zeros(2, 3, H, W), torch.zeros(2, 3, H, W)
+    first_img[:, 0, 8:12, 40:44] = 1.0  # the limb is red where its features are
+    now_img[0, 0, 20:24, 4:8] = 1.0  # row 0: red where pose t's features are
+    now_img[1, 1, 20:24, 4:8] = 1.0  # row 1: green there, so the match brings the wrong colour
+    with torch.no_grad():
+        err = torch.stack([model.match_error(now[i:i + 1], first[i:i + 1], now_img[i:i + 1], first_img[i:i + 1])
+                           for i in range(2)])
+        both = model.match_error(now, first, now_img, first_img)
+    n = (H // 4) * (W // 4)
+    # pose t's empty blocks attend evenly over the first pose, so read its mean: 1/n of red
+    empty = (n - 1) * (1 / n) ** 2 / (3 * n)
+    torch.testing.assert_close(err[0], torch.tensor(empty), rtol=1e-3, atol=0)
+    torch.testing.assert_close(err[1] - err[0], torch.tensor(2.0 / (3 * n)), rtol=1e-3, atol=0)
+    torch.testing.assert_close(both, err.sum())
 
 
 def test_blur_and_warp_error():
@@ -633,7 +676,15 @@ def test_warp_loss_adds_the_warp_error_and_every_path_agrees(condition):
     (prev_img, flow), = seen
     torch.testing.assert_close(prev_img, (img[:, :1].expand(-1, 5, -1, -1, -1) if condition == "first"
                                           else img[:, :-1]).flatten(0, 1))
-    torch.testing.assert_close(again["warp"], warp_error(prev_img, flow, img[:, 1:].flatten(0, 1)) / 10)
+    expected = warp_error(prev_img, flow, img[:, 1:].flatten(0, 1))
+    if condition == "first":  # pose_flow: and the match's error, pose t against the first pose
+        with torch.no_grad():
+            feat = model.label_transformation(lab.flatten(0, 1)).unflatten(0, (2, 6))
+            expected = expected + model.match_error(feat[:, 1:].flatten(0, 1),
+                                                    feat[:, :1].expand(-1, 5, -1, -1, -1).flatten(0, 1),
+                                                    lab[:, 1:].flatten(0, 1),
+                                                    lab[:, :1].expand(-1, 5, -1, -1, -1).flatten(0, 1))
+    torch.testing.assert_close(again["warp"], expected / 10)
     _assert_training_paths_agree(model, img, lab, eps, warp_loss=0.5)
     with pytest.raises(ValueError, match="warp_loss needs a warp model"):
         VAE_Model(*TINY, residual=True)(img, lab, True, eps=eps, warp_loss=0.5)
@@ -664,6 +715,27 @@ def test_flow_scale_and_checkpoints_written_before_it():
         torch.testing.assert_close(old.generate(first, lab, noise), model.generate(first, lab, noise),
                                    rtol=1e-4, atol=1e-5)
         assert not torch.allclose(old.generate(first, lab, noise), again.generate(first, lab, noise))
+
+
+def test_pose_flow_checkpoints_written_before_the_dancer_layer():
+    """A pose_flow checkpoint without dancer_mask loads with the mask at zero everywhere: the
+    frame is the warped frame plus the Generator's change, the function it was trained as. A
+    model with the layer on is not."""
+    torch.manual_seed(0)
+    opts = dict(residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)
+    model = jitter(VAE_Model(*TINY, **opts)).eval()
+    old_sd = {k: v for k, v in model.state_dict().items() if not k.startswith("dancer_mask.")}
+    old = VAE_Model(*TINY, **opts).eval()
+    load_model_weights(old, {"model": old_sd}, "old.ckpt")
+    first, lab = torch.rand(2, 3, 32, 64), torch.rand(2, 2, 3, 32, 64)  # poses of frames 0 and 1
+    z = torch.randn(2, TINY[2], 32, 64)
+    with torch.no_grad():
+        for m, layer_off in ((old, True), (model, False)):
+            cond = m.encode_first(first, lab[:, 0])
+            label_feat = m.encode_labels(lab[:, 1])
+            pred, flow = m._decode(cond, label_feat, z, first)
+            plain = warp(first, flow) + m.Generator(m.Decoder_Fusion(m._split(cond)[0], label_feat, z))
+            assert torch.allclose(pred, plain, rtol=1e-5, atol=1e-6) == layer_off
 
 
 def test_kl_near_the_prior_is_accurate_and_never_negative():
