@@ -7,21 +7,28 @@ The model is rebuilt from the checkpoint (no need to repeat its dims). Output is
 run for a given --seed.
 """
 import os
+import signal
 import sys
 import time
 
-import numpy as np
-import torch
+# Ctrl-C while torch loads (seconds) ends the script quietly, as it does once main() runs. A
+# SIGINT that the parent ignores (a background job of a script) stays ignored.
+QUIET_IMPORT = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if QUIET_IMPORT:
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-from dataloader import DataError, TestSequences
-from modules.model import build_model
-from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args
-from modules.files import atomic_write, dump_json, outermost_missing, remove_empty_folders
-from modules.engine import OutOfMemory, first_line, is_out_of_memory
-from modules.metrics import drift, psnr, ssim
-from modules.options import ConfigError, check_tester, tester_parser, writable_folder
-from modules.runtime import prepare_model, resolve_speed, rollout, to_float
-from modules.visualize import save_gif, save_psnr_plot, save_strip
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from dataloader import DataError, TestSequences  # noqa: E402
+from modules.model import build_model  # noqa: E402
+from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args  # noqa: E402
+from modules.files import atomic_write, dump_json, outermost_missing, remove_empty_folders  # noqa: E402
+from modules.engine import OutOfMemory, first_line, is_out_of_memory  # noqa: E402
+from modules.metrics import drift, psnr, ssim  # noqa: E402
+from modules.options import ConfigError, check_tester, tester_parser, writable_folder  # noqa: E402
+from modules.runtime import prepare_model, resolve_speed, rollout, to_float  # noqa: E402
+from modules.visualize import save_gif, save_psnr_plot, save_strip  # noqa: E402
 
 
 def write_output(path, write, written):
@@ -193,4 +200,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if QUIET_IMPORT:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # main() handles Ctrl-C from here
     sys.exit(main())

@@ -16,20 +16,26 @@ import signal
 import sys
 import time
 
-import torch
-from tqdm import tqdm
+# Ctrl-C while torch loads (seconds) ends the script quietly, as it does once main() runs. A
+# SIGINT that the parent ignores (a background job of a script) stays ignored.
+QUIET_IMPORT = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+if QUIET_IMPORT:
+    signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
 
-from dataloader import DataError, TrainWindows
-from modules.model import build_model
-from modules import distributed
-from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from dataloader import DataError, TrainWindows  # noqa: E402
+from modules.model import build_model  # noqa: E402
+from modules import distributed  # noqa: E402
+from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,  # noqa: E402
                                 load_model_weights, rng_state, save_checkpoint, set_rng_state)
-from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, first_line,
+from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, first_line,  # noqa: E402
                             is_out_of_memory, train_one_epoch, validate)
-from modules.files import atomic_write, outermost_missing, remove_empty_folders, write_json
-from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder
-from modules.runtime import prepare_model, resolve_speed
-from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side
+from modules.files import atomic_write, outermost_missing, remove_empty_folders, write_json  # noqa: E402
+from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder  # noqa: E402
+from modules.runtime import prepare_model, resolve_speed  # noqa: E402
+from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side  # noqa: E402
 
 DEFAULT_DR = "data/dance"
 
@@ -514,4 +520,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    if QUIET_IMPORT:
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # main() handles Ctrl-C from here
     sys.exit(main())

@@ -608,3 +608,22 @@ def test_ctrl_c_before_training_exits_cleanly(dr, tmp_path, monkeypatch, capsys)
     monkeypatch.setattr(Trainer, "TrainWindows", interrupted)
     assert Trainer.main(["--DR", dr, *TINY, "--save_root", str(tmp_path / "run")]) == 130
     assert "interrupted; no checkpoint was written" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("script", ["Trainer.py", "Tester.py"])
+def test_ctrl_c_while_torch_loads_exits_quietly(script):
+    """Ctrl-C in the seconds the script spends importing torch: exit code 130 and no traceback,
+    as after main() has started. The signal is sent once torch's library is mapped into the
+    process (its import has begun; the rest of it takes a second or more)."""
+    proc = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        with open(f"/proc/{proc.pid}/maps") as f:
+            if "libtorch" in f.read():
+                break
+        time.sleep(0.002)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out[-300:], err[-1000:])
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err
