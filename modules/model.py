@@ -310,11 +310,10 @@ class VAE_Model(nn.Module):
                 match = F.interpolate(match, size=fused.shape[-2:], mode="bilinear", align_corners=False)
                 dancer = warp(prev_img, match * self.flow_scale)
             flow = flow * self.flow_scale
-            warped = warp(prev_img, flow)
+            prev_img = warp(prev_img, flow)
             if self.flow_coarse is not None:
                 mask = torch.sigmoid(self.dancer_mask(fused))
-                warped = warped + mask * (dancer - warped)
-            prev_img = warped
+                prev_img = prev_img + mask * (dancer - prev_img)
         return (prev_img + out if self.residual else out), flow
 
     def pose_match(self, label_feat, first_pose_feat):
