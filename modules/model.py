@@ -110,13 +110,32 @@ def blur(x, sigma):
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
-def warp_error(img, flow, target):
+def warp_error(img, flow, target, layer=None):
     """The warp's own loss, summed over rows: for each row, the mean over WARP_BLURS of the mean
-    squared error between img warped by flow and target, both blurred. At least float32."""
+    squared error between img warped by flow and target, both blurred. At least float32.
+    layer, pose_flow's dancer layer as _decode returns it (displacement in pixels, mask, ...),
+    blends img moved by the displacement over the warped image by the mask, as the model does."""
     dtype = torch.promote_types(torch.promote_types(img.dtype, flow.dtype), torch.float32)
     img, target = img.to(dtype), target.to(dtype)
-    err = sum((warp(blur(img, s), flow) - blur(target, s)).pow(2).mean(dim=(1, 2, 3)) for s in WARP_BLURS)
+
+    def moved(x):
+        out = warp(x, flow)
+        if layer is not None:
+            out = out + layer[1] * (warp(x, layer[0]) - out)
+        return out
+    err = sum((moved(blur(img, s)) - blur(target, s)).pow(2).mean(dim=(1, 2, 3)) for s in WARP_BLURS)
     return err.sum() / len(WARP_BLURS)
+
+
+def match_error(attn, label, first_label):
+    """How far pose_flow's match is from a correspondence, summed over the rows: the first pose
+    image's COARSE x COARSE block means, read through the match's attention (B, hw, hw), against
+    pose t's block means (mean squared error per row). The poses draw every limb in its own colour,
+    so the attention that reproduces pose t's colours points at the same limb in the first pose.
+    Its gradient reaches every block of the first pose, however far, which the flow's does not."""
+    def blocks(x):
+        return F.avg_pool2d(x.to(attn.dtype), COARSE, ceil_mode=True).flatten(2).transpose(1, 2)
+    return (attn @ blocks(first_label) - blocks(label)).pow(2).mean(dim=(1, 2)).sum()
 
 
 def _flat(x):
@@ -295,77 +314,76 @@ class VAE_Model(nn.Module):
         return self._decode(prev_feat, label_feat, z, prev_img)[0]
 
     def _decode(self, prev_feat, label_feat, z, prev_img):
-        """decode(), and the flow in pixels (None without warp; pose_flow's dancer layer not included)."""
+        """decode(), the flow in pixels (None without warp) and pose_flow's dancer layer (else None):
+        the match's displacement in pixels, the mask and the match's attention."""
         prev_feat, first_pose_feat = self._split(prev_feat)
         fused = self.Decoder_Fusion(prev_feat, label_feat, z)
         out = self.Generator(fused)
-        flow = None
+        flow = layer = None
         if self.flow is not None:
             flow = self.flow(fused)
             if self.flow_coarse is not None:
                 pooled = F.avg_pool2d(fused, COARSE, ceil_mode=True)
-                match = self.pose_match(label_feat, first_pose_feat)  # float32, kept so for the layer
+                attn, hw = self._match_attn(label_feat, first_pose_feat)
+                match = self._displacement(attn, hw)  # at least float32, kept so for the layer
                 coarse = self.flow_coarse(torch.cat([pooled, match.to(pooled.dtype)], 1))
                 flow = flow + F.interpolate(coarse, size=fused.shape[-2:], mode="bilinear", align_corners=False)
                 match = F.interpolate(match, size=fused.shape[-2:], mode="bilinear", align_corners=False)
-                dancer = warp(prev_img, match * self.flow_scale)
+                layer = (match * self.flow_scale, torch.sigmoid(self.dancer_mask(fused)), attn)
+                dancer = warp(prev_img, layer[0])
             flow = flow * self.flow_scale
             prev_img = warp(prev_img, flow)
-            if self.flow_coarse is not None:
-                mask = torch.sigmoid(self.dancer_mask(fused))
-                prev_img = prev_img + mask * (dancer - prev_img)
-        return (prev_img + out if self.residual else out), flow
+            if layer is not None:
+                prev_img = prev_img + layer[1] * (dancer - prev_img)
+        return (prev_img + out if self.residual else out), flow, layer
 
     def pose_match(self, label_feat, first_pose_feat):
         """Where each COARSE x COARSE block of pose t was in the first frame's pose: attention of
         every block of pose t (query) over every block of the first pose (key), the expected
-        position minus the block's own, in FLOW_SCALE pixels, (B, 2, h, w). In float32."""
-        attn, (h, w) = self._match_attn(label_feat, first_pose_feat)
+        position minus the block's own, in FLOW_SCALE pixels, (B, 2, h, w). In at least float32."""
+        return self._displacement(*self._match_attn(label_feat, first_pose_feat))
+
+    @staticmethod
+    def _displacement(attn, hw):
+        """pose_match from the match's attention and the blocks' grid (h, w)."""
+        h, w = hw
         y, x = torch.meshgrid(torch.arange(h, device=attn.device, dtype=attn.dtype),
                               torch.arange(w, device=attn.device, dtype=attn.dtype), indexing="ij")
         pos = torch.stack([x.flatten(), y.flatten()], -1)  # (hw, 2) in blocks, x first like a flow
         return (attn @ pos - pos).transpose(1, 2).unflatten(2, (h, w)) * (COARSE / FLOW_SCALE)
 
     def _match_attn(self, label_feat, first_pose_feat):
-        """The pose match's attention (B, hw of pose t, hw of the first pose) and (h, w), in float32."""
+        """The pose match's attention (B, hw of pose t, hw of the first pose) and (h, w), in at least
+        float32."""
         q = self.pose_query(F.avg_pool2d(label_feat, COARSE, ceil_mode=True))
         k = self.pose_key(F.avg_pool2d(first_pose_feat, COARSE, ceil_mode=True))
         h, w = q.shape[-2:]
-        q, k = q.flatten(2).transpose(1, 2).float(), k.flatten(2).float()  # (B, hw, d), (B, d, hw)
+        dtype = torch.promote_types(q.dtype, torch.float32)
+        q, k = q.flatten(2).transpose(1, 2).to(dtype), k.flatten(2).to(dtype)  # (B, hw, d), (B, d, hw)
         return torch.softmax(q @ k / MATCH_DIM ** 0.5, dim=-1), (h, w)
 
-    def match_error(self, label_feat, first_pose_feat, label, first_label):
-        """How far the pose match is from a correspondence, summed over the rows: the first pose
-        image's COARSE x COARSE block means, read through the attention, against pose t's block
-        means (mean squared error per row). The poses draw every limb in its own colour, so the
-        attention that reproduces pose t's colours points at the same limb in the first pose. Its
-        gradient reaches every block of the first pose, however far, which the flow's does not."""
-        attn, _ = self._match_attn(label_feat, first_pose_feat)
-
-        def blocks(x):
-            return F.avg_pool2d(x.float(), COARSE, ceil_mode=True).flatten(2).transpose(1, 2)
-        return (attn @ blocks(first_label) - blocks(label)).pow(2).mean(dim=(1, 2)).sum()
-
-    def _warp_sum(self, prev_img, flow, target):
-        """warp_error summed over the rows, or a zero when the warp loss is off (target None; forward
-        refuses the loss for a model without a flow)."""
+    def _warp_sum(self, prev_img, flow, layer, target, poses):
+        """The warp's own loss summed over the rows: warp_error, and with pose_flow's layer the
+        match's error (match_error; poses = (pose t, the first pose) images), or a zero when the
+        warp loss is off (target None; forward refuses the loss for a model without a flow)."""
         if target is None:
             return prev_img.new_zeros((), dtype=torch.float32)
-        return warp_error(prev_img, flow, target)
+        err = warp_error(prev_img, flow, target, layer)
+        return err if layer is None else err + match_error(layer[2], *poses)
 
-    def _frame_terms(self, prev_feat, prev_img, feat, label_feat, eps, target=None):
+    def _frame_terms(self, prev_feat, prev_img, feat, label_feat, eps, target=None, poses=None):
         """The training terms of predicted frames (rows): z_t ~ q(z | x_t, pose_t) from the true
         frame's features `feat`, the frame decoded from the previous one, KL(q || p) summed, and
-        the warp error summed when `target` (the true frames) is given. One function, so
+        the warp's own loss summed when `target` (the true frames) is given (`_warp_sum`). One function, so
         activation checkpointing can recompute a group of frames as a unit."""
         z, mu, logvar = self.Gaussian_Predictor(feat, label_feat, eps)
-        pred, flow = self._decode(prev_feat, label_feat, z, prev_img)
+        pred, flow, layer = self._decode(prev_feat, label_feat, z, prev_img)
         if self.prior is None:
             kl = kl_standard_normal(_wide(mu), _wide(logvar))
         else:
             mu_p, logvar_p = self.prior_params(prev_feat, label_feat)
             kl = kl_gaussians(_wide(mu), _wide(logvar), _wide(mu_p), _wide(logvar_p))
-        return pred, kl.sum(), self._warp_sum(prev_img, flow, target)
+        return pred, kl.sum(), self._warp_sum(prev_img, flow, layer, target, poses)
 
     # ---- training -----------------------------------------------------------------------------
     def forward(self, img, label, teacher_forcing=True, eps=None, beta=1.0, recon="mse",
@@ -383,8 +401,9 @@ class VAE_Model(nn.Module):
         time, so the activations held at once are those of B frames, not B*(T-1)
         (`_forward_checkpointed`, same function).
         warp_loss > 0 (a warp model only) adds the warp's own loss with that weight: the frame the
-        change is added to, warped by the predicted flow, against the true frame (warp_error), and
-        for pose_flow the pose match's error (match_error).
+        change is added to (warped by the predicted flow; for pose_flow, with the dancer layer
+        blended in) against the true frame (warp_error), and for pose_flow the match's error
+        (match_error).
         Returns dict(loss, recon, kl, warp, pred) with pred (B, T-1, 3, H, W) unclamped.
         loss = recon + beta * kl + warp_loss * warp; recon is the mean per-pixel error, kl the KL
         summed over the latent map and averaged over samples and frames, warp the warp error
@@ -421,8 +440,12 @@ class VAE_Model(nn.Module):
                 prev_img = img[:, :1].expand(-1, T - 1, *img.shape[2:])
             else:
                 prev_feat, prev_img = frame_feat[:, :-1], img[:, :-1]
-            pred, flow = self._decode(_flat(prev_feat), _flat(label_feat), _flat(z), _flat(prev_img))
-            warp_sum = self._warp_sum(_flat(prev_img), flow, _flat(img[:, 1:]) if warp_loss else None)
+            pred, flow, layer = self._decode(_flat(prev_feat), _flat(label_feat), _flat(z), _flat(prev_img))
+            target, poses = None, None
+            if warp_loss:
+                target = _flat(img[:, 1:])
+                poses = (_flat(label[:, 1:]), _flat(label[:, :1].expand(-1, T - 1, *label.shape[2:])))
+            warp_sum = self._warp_sum(_flat(prev_img), flow, layer, target, poses)
             pred = pred.unflatten(0, (B, T - 1))
         else:
             preds, prev_feats, out, warp_sum = [], [], None, 0.0
@@ -435,17 +458,14 @@ class VAE_Model(nn.Module):
                 else:
                     prev_img = out.clamp(0, 1)
                     prev = self.frame_transformation(prev_img)
-                out, flow = self._decode(prev, label_feat[:, t - 1], z[:, t - 1], prev_img)
-                warp_sum = warp_sum + self._warp_sum(prev_img, flow, img[:, t] if warp_loss else None)
+                out, flow, layer = self._decode(prev, label_feat[:, t - 1], z[:, t - 1], prev_img)
+                warp_sum = warp_sum + self._warp_sum(prev_img, flow, layer, img[:, t] if warp_loss else None,
+                                                     (label[:, t], label[:, 0]))
                 preds.append(out)
                 prev_feats.append(prev)
             pred = torch.stack(preds, 1)
             prev_feat = torch.stack(prev_feats, 1)
 
-        if warp_loss and self.flow_coarse is not None:
-            first_rows = first_label_feat[:, None].expand(-1, T - 1, *first_label_feat.shape[1:])
-            warp_sum = warp_sum + self.match_error(_flat(label_feat), _flat(first_rows), _flat(label[:, 1:]),
-                                                   _flat(label[:, :1].expand(-1, T - 1, *label.shape[2:])))
         target = img[:, 1:]
         rec = F.mse_loss(pred, target) if recon == "mse" else F.l1_loss(pred, target)
         if self.prior is None:
@@ -486,7 +506,7 @@ class VAE_Model(nn.Module):
                 prev = slice(0, B) if anchored else before
                 pred, k, w = self._ckpt(self._frame_terms, cond if anchored else frame_feat[prev], img_tm[prev],
                                         frame_feat[now], label_feat[before], eps_tm[before],
-                                        img_tm[now] if warp_loss else None)
+                                        img_tm[now] if warp_loss else None, (label[:, t], label[:, 0]))
                 preds.append(pred)
                 kl, warp_sum = kl + k, warp_sum + w
         else:
@@ -502,12 +522,10 @@ class VAE_Model(nn.Module):
                     prev_img = out.clamp(0, 1)
                     prev = self._ckpt(self.frame_transformation, prev_img)
                 out, k, w = self._ckpt(self._frame_terms, prev, prev_img, frame_feat[t * B:(t + 1) * B],
-                                       label_feat[r], eps_tm[r], img_tm[t * B:(t + 1) * B] if warp_loss else None)
+                                       label_feat[r], eps_tm[r], img_tm[t * B:(t + 1) * B] if warp_loss else None,
+                                       (label[:, t], label[:, 0]))
                 preds.append(out)
                 kl, warp_sum = kl + k, warp_sum + w
-        if warp_loss and self.flow_coarse is not None:
-            warp_sum = warp_sum + self.match_error(label_feat, first_label_feat.repeat(T - 1, 1, 1, 1),
-                                                   _time_major(label[:, 1:]), label[:, 0].repeat(T - 1, 1, 1, 1))
         pred = torch.cat(preds)
         target = img_tm[B:]
         rec = F.mse_loss(pred, target) if recon == "mse" else F.l1_loss(pred, target)

@@ -6,7 +6,8 @@ from torch.distributions import Normal, kl_divergence
 
 from modules import VAE_Model
 from modules.checkpoint import load_model_weights
-from modules.model import FLOW_SCALE, MASK_START, WARP_BLURS, blur, kl_gaussians, kl_standard_normal, warp, warp_error
+from modules.model import (FLOW_SCALE, MASK_START, WARP_BLURS, blur, kl_gaussians, kl_standard_normal, match_error, warp,
+                           warp_error)
 from modules.modules import reparameterize
 from modules.runtime import Speed, make_step_fn, peak_memory_growth, prepare_model, rollout, with_bf16_convs
 
@@ -608,9 +609,9 @@ def test_match_error_reads_the_first_poses_colours_through_the_match():
     now_img[0, 0, 20:24, 4:8] = 1.0  # row 0: red where pose t's features are
     now_img[1, 1, 20:24, 4:8] = 1.0  # row 1: green there, so the match brings the wrong colour
     with torch.no_grad():
-        err = torch.stack([model.match_error(now[i:i + 1], first[i:i + 1], now_img[i:i + 1], first_img[i:i + 1])
-                           for i in range(2)])
-        both = model.match_error(now, first, now_img, first_img)
+        attn = model._match_attn(now, first)[0]
+        err = torch.stack([match_error(attn[i:i + 1], now_img[i:i + 1], first_img[i:i + 1]) for i in range(2)])
+        both = match_error(attn, now_img, first_img)
     n = (H // 4) * (W // 4)
     # pose t's empty blocks attend evenly over the first pose, so read its mean: 1/n of red
     empty = (n - 1) * (1 / n) ** 2 / (3 * n)
@@ -623,7 +624,8 @@ def test_blur_and_warp_error():
     """blur: a normalised Gaussian (a constant image stays constant, a point spreads symmetrically
     and keeps its sum in the interior). warp_error: per row, the mean over WARP_BLURS of the mean
     squared error of the blurred warped image against the blurred target, summed over rows; 0
-    where the flow maps the image onto the target."""
+    where the flow maps the image onto the target; with a dancer layer, the image moved by the
+    layer's displacement blended over the warped one by its mask."""
     torch.manual_seed(0)
     const = torch.full((1, 3, 16, 32), 0.3)
     torch.testing.assert_close(blur(const, 2), const)
@@ -645,12 +647,24 @@ def test_blur_and_warp_error():
     shifted = warp(img, right)  # every pixel moved one to the left, the right edge repeated
     # Blur and warp commute but at the right edge, where both repeat the edge pixel differently.
     assert warp_error(img, right, shifted) < 1e-2 * warp_error(img, torch.zeros_like(right), shifted)
+    # pose_flow's layer: img moved by its displacement, blended in by its mask, at every blur.
+    d, mask = torch.randn(3, 2, 16, 32), torch.rand(3, 1, 16, 32)
+    attn = torch.zeros(())  # unused by warp_error
+    torch.testing.assert_close(warp_error(img, flow, target, (d, torch.zeros_like(mask), attn)),
+                               warp_error(img, flow, target))
+    torch.testing.assert_close(warp_error(img, flow, target, (d, torch.ones_like(mask), attn)),
+                               warp_error(img, d, target))
+    blended = sum(sum(F.mse_loss(warp(blur(img[i:i + 1], s), flow[i:i + 1]) * (1 - mask[i:i + 1])
+                                 + warp(blur(img[i:i + 1], s), d[i:i + 1]) * mask[i:i + 1], blur(target[i:i + 1], s))
+                      for s in WARP_BLURS) for i in range(3)) / len(WARP_BLURS)
+    torch.testing.assert_close(warp_error(img, flow, target, (d, mask, attn)), blended)
 
 
 @pytest.mark.parametrize("condition", ["first", "previous"])
 def test_warp_loss_adds_the_warp_error_and_every_path_agrees(condition):
     """warp_loss w: loss = recon + beta * kl + w * warp, warp being warp_error of the frame the
-    change is added to (the first or the previous true frame) warped by the model's flow, averaged
+    change is added to (the first or the previous true frame) warped by the model's flow (and, for
+    pose_flow, its dancer layer blended in, plus the match's error), averaged
     over frames; batched, per-frame and checkpointed training agree with it on; it changes the flow's
     gradients; w = 0 leaves the loss as it was; a model without warp refuses it."""
     torch.manual_seed(0)
@@ -669,21 +683,21 @@ def test_warp_loss_adds_the_warp_error_and_every_path_agrees(condition):
     assert not torch.allclose(g_on["flow.weight"], g_off["flow.weight"])
     # By hand: the flow decode used, the frame it warped, and frame t as the target.
     seen, decode = [], model._decode
-    model._decode = lambda *a: seen.append((a[3], decode(*a)[1])) or decode(*a)
+    model._decode = lambda *a: seen.append((a[3], *decode(*a)[1:])) or decode(*a)
     with torch.no_grad():
         again = model(img, lab, True, eps=eps, beta=0.7, warp_loss=0.5)
     del model._decode
-    (prev_img, flow), = seen
+    (prev_img, flow, layer), = seen
     torch.testing.assert_close(prev_img, (img[:, :1].expand(-1, 5, -1, -1, -1) if condition == "first"
                                           else img[:, :-1]).flatten(0, 1))
-    expected = warp_error(prev_img, flow, img[:, 1:].flatten(0, 1))
+    assert (layer is None) == (condition != "first")
+    expected = warp_error(prev_img, flow, img[:, 1:].flatten(0, 1), layer)
     if condition == "first":  # pose_flow: and the match's error, pose t against the first pose
         with torch.no_grad():
             feat = model.label_transformation(lab.flatten(0, 1)).unflatten(0, (2, 6))
-            expected = expected + model.match_error(feat[:, 1:].flatten(0, 1),
-                                                    feat[:, :1].expand(-1, 5, -1, -1, -1).flatten(0, 1),
-                                                    lab[:, 1:].flatten(0, 1),
-                                                    lab[:, :1].expand(-1, 5, -1, -1, -1).flatten(0, 1))
+            attn = model._match_attn(feat[:, 1:].flatten(0, 1), feat[:, :1].expand(-1, 5, -1, -1, -1).flatten(0, 1))[0]
+            expected = expected + match_error(attn, lab[:, 1:].flatten(0, 1),
+                                              lab[:, :1].expand(-1, 5, -1, -1, -1).flatten(0, 1))
     torch.testing.assert_close(again["warp"], expected / 10)
     _assert_training_paths_agree(model, img, lab, eps, warp_loss=0.5)
     with pytest.raises(ValueError, match="warp_loss needs a warp model"):
@@ -733,7 +747,7 @@ def test_pose_flow_checkpoints_written_before_the_dancer_layer():
         for m, layer_off in ((old, True), (model, False)):
             cond = m.encode_first(first, lab[:, 0])
             label_feat = m.encode_labels(lab[:, 1])
-            pred, flow = m._decode(cond, label_feat, z, first)
+            pred, flow, _ = m._decode(cond, label_feat, z, first)
             plain = warp(first, flow) + m.Generator(m.Decoder_Fusion(m._split(cond)[0], label_feat, z))
             assert torch.allclose(pred, plain, rtol=1e-5, atol=1e-6) == layer_off
 
