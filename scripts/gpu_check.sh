@@ -55,10 +55,11 @@ step "error regions"
 python3 scripts/error_regions.py --DR "$DR" --ckpt_path "$RUN/best.ckpt" > "$OUT/regions.log" 2>&1
 tail -8 "$OUT/regions.log"
 
-# Generation of 5 x 630 frames: the step as the Tester runs it (eager, captured in a CUDA graph),
-# then compiled before the capture.
+# Generation of 5 x 630 frames: the lab's model with the step as the Tester runs it (eager, captured
+# in a CUDA graph), then compiled before the capture; and the quality run's model, whose frames
+# are generated in batches (no frame reads another under --condition first).
 step "generation benchmark"
-for extra in "" "--compile_gen"; do
+for extra in "" "--compile_gen" "--condition first --residual --first_pose --warp --pose_flow"; do
     python3 scripts/bench.py --device cuda --skip_eager --compile off --batch_size 8 --steps 2 \
         --warmup 1 --json $extra 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"
 done
