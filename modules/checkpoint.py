@@ -122,6 +122,9 @@ def load_model_weights(model, ckpt, path):
         w = sd["flow.weight"]
         sd = {**sd, "dancer_mask.weight": w.new_zeros(1, *w.shape[1:]),
               "dancer_mask.bias": w.new_full((1,), float("-inf"))}
+    if "flow_coarse.0.weight" in sd and "match_block" not in sd:
+        # pose_flow written before the match's block size was stored: it matched 4 x 4 blocks.
+        sd = {**sd, "match_block": torch.tensor(4)}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

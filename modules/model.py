@@ -37,12 +37,17 @@ def kl_gaussians(mu_q, logvar_q, mu_p, logvar_p):
 FLOW_SCALE = 16.0
 
 
-# pose_flow works on COARSE x COARSE averages. Every module keeps the full resolution, and the flow
-# convolution sees the poses only as far as the encoders reach (about 13 pixels around a pixel at
-# 32 x 64); the dancer moves up to 30 pixels from where the first frame has them. At a quarter of
-# the size every block of pose t is matched against every block of the first pose, and four
-# convolutions (one dilated) reach about 40 pixels.
+# pose_flow's coarse flow works on COARSE x COARSE averages. Every module keeps the full
+# resolution, and the flow convolution sees the poses only as far as the encoders reach (about 13
+# pixels around a pixel at 32 x 64); the dancer moves up to 30 pixels from where the first frame
+# has them. At a quarter of the size four convolutions (one dilated) reach about 40 pixels.
 COARSE = 4
+# The match compares every MATCH_BLOCK x MATCH_BLOCK block of pose t with every block of the first
+# pose. Limbs are a few pixels wide: on 4 x 4 blocks the dancer the match carries moved by whole
+# blocks' displacements (CPU-sized runs: 2 x 2 blocks train to a lower error and score higher;
+# docs/RESULTS.md). Stored in the model as the buffer `match_block`; checkpoints written before
+# it match 4 x 4 blocks.
+MATCH_BLOCK = 2
 MATCH_DIM = 32  # channels of the pose matching's queries and keys
 # The dancer layer's mask starts at sigmoid(-4) = 0.018: the untrained model is within 2 % of the one
 # without it, and the mask can learn from the first step everywhere. (A mask clamped to [0, 1]
@@ -127,15 +132,19 @@ def warp_error(img, flow, target, layer=None):
     return err.sum() / len(WARP_BLURS)
 
 
-def match_error(attn, label, first_label):
+def match_error(attn, label, first_label, block=MATCH_BLOCK):
     """How far pose_flow's match is from a correspondence, summed over the rows: the first pose
-    image's COARSE x COARSE block means, read through the match's attention (B, hw, hw), against
+    image's block x block means, read through the match's attention (B, hw, hw), against
     pose t's block means (mean squared error per row). The poses draw every limb in its own colour,
     so the attention that reproduces pose t's colours points at the same limb in the first pose.
     Its gradient reaches every block of the first pose, however far, which the flow's does not."""
     def blocks(x):
-        return F.avg_pool2d(x.to(attn.dtype), COARSE, ceil_mode=True).flatten(2).transpose(1, 2)
+        return F.avg_pool2d(x.to(attn.dtype), block, ceil_mode=True).flatten(2).transpose(1, 2)
     return (attn @ blocks(first_label) - blocks(label)).pow(2).mean(dim=(1, 2)).sum()
+
+
+def _read_match_block(model, incompatible_keys):
+    model._match_px = int(model.match_block)
 
 
 def _flat(x):
@@ -183,12 +192,12 @@ class VAE_Model(nn.Module):
     `flow_scale` (a buffer, FLOW_SCALE for new models, 1 in checkpoints written before it existed).
 
     pose_flow=True (not the lab's; needs warp and first_pose) adds a flow the 3x3 convolution cannot
-    find, the dancer being tens of pixels from where x_0 has them: every COARSE x COARSE block of
-    pose t attends over the blocks of x_0's pose (`pose_query`, `pose_key`, 1x1 convolutions of
-    the pose features), which gives the displacement to where that part of the dancer was
-    (`pose_match`); `flow_coarse`, four convolutions on the block averages of the Decoder_Fusion
-    output and that displacement, turns them into a flow, upsampled and added to the fine one. Its
-    last layer starts at zero. The match also moves x_0 by itself, a second layer: the dancer
+    find, the dancer being tens of pixels from where x_0 has them: every MATCH_BLOCK x MATCH_BLOCK
+    block of pose t attends over the blocks of x_0's pose (`pose_query`, `pose_key`, 1x1
+    convolutions of the pose features), which gives the displacement to where that part of the
+    dancer was (`pose_match`); `flow_coarse`, four convolutions on the COARSE x COARSE averages of
+    the Decoder_Fusion output and of that displacement, turns them into a flow, upsampled and added
+    to the fine one. Its last layer starts at zero. The match also moves x_0 by itself, a second layer: the dancer
     carried from where x_0 has them, which `dancer_mask` (a 3x3 convolution on the Decoder_Fusion
     output, then a sigmoid) blends over the warped frame. A flow cannot learn a move of tens of
     pixels from gradients that see a few pixels around where it reads; a blend of two images learns
@@ -228,6 +237,12 @@ class VAE_Model(nn.Module):
             self.register_buffer("flow_scale", torch.tensor(FLOW_SCALE))
         self.F_dim = F_dim
         self.flow_coarse = coarse_flow_net(D_out_dim + 2) if pose_flow else None
+        if pose_flow:
+            self.register_buffer("match_block", torch.tensor(MATCH_BLOCK))
+            self._match_px = MATCH_BLOCK
+            # The block size as a Python int (a pooling size; reading the buffer would sync a GPU
+            # and break CUDA-graph capture), refreshed whenever a state_dict is loaded.
+            self.register_load_state_dict_post_hook(_read_match_block)
         self.pose_query = nn.Conv2d(L_dim, MATCH_DIM, 1) if pose_flow else None
         self.dancer_mask = nn.Conv2d(D_out_dim, 1, 3, padding=1) if pose_flow else None
         if pose_flow:
@@ -325,8 +340,9 @@ class VAE_Model(nn.Module):
             if self.flow_coarse is not None:
                 pooled = F.avg_pool2d(fused, COARSE, ceil_mode=True)
                 attn, hw = self._match_attn(label_feat, first_pose_feat)
-                match = self._displacement(attn, hw)  # at least float32, kept so for the layer
-                coarse = self.flow_coarse(torch.cat([pooled, match.to(pooled.dtype)], 1))
+                match = self._displacement(attn, hw, self._match_px)  # at least float32, kept so for the layer
+                on_coarse = F.avg_pool2d(match, COARSE // self._match_px, ceil_mode=True)  # the flow's grid
+                coarse = self.flow_coarse(torch.cat([pooled, on_coarse.to(pooled.dtype)], 1))
                 flow = flow + F.interpolate(coarse, size=fused.shape[-2:], mode="bilinear", align_corners=False)
                 match = F.interpolate(match, size=fused.shape[-2:], mode="bilinear", align_corners=False)
                 layer = (match * self.flow_scale, torch.sigmoid(self.dancer_mask(fused)), attn)
@@ -338,25 +354,25 @@ class VAE_Model(nn.Module):
         return (prev_img + out if self.residual else out), flow, layer
 
     def pose_match(self, label_feat, first_pose_feat):
-        """Where each COARSE x COARSE block of pose t was in the first frame's pose: attention of
+        """Where each match block of pose t was in the first frame's pose: attention of
         every block of pose t (query) over every block of the first pose (key), the expected
         position minus the block's own, in FLOW_SCALE pixels, (B, 2, h, w). In at least float32."""
-        return self._displacement(*self._match_attn(label_feat, first_pose_feat))
+        return self._displacement(*self._match_attn(label_feat, first_pose_feat), self._match_px)
 
     @staticmethod
-    def _displacement(attn, hw):
-        """pose_match from the match's attention and the blocks' grid (h, w)."""
+    def _displacement(attn, hw, block):
+        """pose_match from the match's attention, the blocks' grid (h, w) and their size in pixels."""
         h, w = hw
         y, x = torch.meshgrid(torch.arange(h, device=attn.device, dtype=attn.dtype),
                               torch.arange(w, device=attn.device, dtype=attn.dtype), indexing="ij")
         pos = torch.stack([x.flatten(), y.flatten()], -1)  # (hw, 2) in blocks, x first like a flow
-        return (attn @ pos - pos).transpose(1, 2).unflatten(2, (h, w)) * (COARSE / FLOW_SCALE)
+        return (attn @ pos - pos).transpose(1, 2).unflatten(2, (h, w)) * (block / FLOW_SCALE)
 
     def _match_attn(self, label_feat, first_pose_feat):
         """The pose match's attention (B, hw of pose t, hw of the first pose) and (h, w), in at least
         float32."""
-        q = self.pose_query(F.avg_pool2d(label_feat, COARSE, ceil_mode=True))
-        k = self.pose_key(F.avg_pool2d(first_pose_feat, COARSE, ceil_mode=True))
+        q = self.pose_query(F.avg_pool2d(label_feat, self._match_px, ceil_mode=True))
+        k = self.pose_key(F.avg_pool2d(first_pose_feat, self._match_px, ceil_mode=True))
         h, w = q.shape[-2:]
         dtype = torch.promote_types(q.dtype, torch.float32)
         q, k = q.flatten(2).transpose(1, 2).to(dtype), k.flatten(2).to(dtype)  # (B, hw, d), (B, d, hw)
@@ -369,7 +385,7 @@ class VAE_Model(nn.Module):
         if target is None:
             return prev_img.new_zeros((), dtype=torch.float32)
         err = warp_error(prev_img, flow, target, layer)
-        return err if layer is None else err + match_error(layer[2], *poses)
+        return err if layer is None else err + match_error(layer[2], *poses, self._match_px)
 
     def _frame_terms(self, prev_feat, prev_img, feat, label_feat, eps, target=None, poses=None):
         """The training terms of predicted frames (rows): z_t ~ q(z | x_t, pose_t) from the true

@@ -55,7 +55,7 @@ def common_parser():
                         "from warped by a flow the model predicts (a 3x3 convolution starting at zero, times 16 pixels), "
                         "which moves that frame's pixels to the new pose (docs/RESULTS.md)")
     g.add_argument("--pose_flow", action="store_true",
-                   help="not the lab's, needs --warp and --first_pose: every 4x4 block of pose t is matched "
+                   help="not the lab's, needs --warp and --first_pose: every 2x2 block of pose t is matched "
                         "against the first frame's pose; the match gives a second flow at a quarter of the size, "
                         "added to the warp's, and moves the first frame by itself as a second layer, blended "
                         "in by a learned mask, so a dancer tens of pixels from where the first frame has them "

@@ -1,4 +1,6 @@
 """The model: shapes, parameter names of the lab, KL, and the fast path against the plain one."""
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -6,7 +8,7 @@ from torch.distributions import Normal, kl_divergence
 
 from modules import VAE_Model
 from modules.checkpoint import load_model_weights
-from modules.model import (FLOW_SCALE, MASK_START, WARP_BLURS, blur, kl_gaussians, kl_standard_normal, match_error, warp,
+from modules.model import (FLOW_SCALE, MASK_START, MATCH_BLOCK, WARP_BLURS, blur, kl_gaussians, kl_standard_normal, match_error, warp,
                            warp_error)
 from modules.modules import reparameterize
 from modules.runtime import Speed, make_step_fn, peak_memory_growth, prepare_model, rollout, with_bf16_convs
@@ -522,7 +524,7 @@ def test_warp_starts_as_the_model_without_it_and_every_path_agrees(condition):
 @pytest.mark.parametrize("prior", ["fixed", "learned"])
 def test_pose_flow_starts_near_the_model_without_and_every_path_agrees(prior):
     """pose_flow: four more modules (the pose match's query and key, the coarse flow, the dancer
-    layer's mask); the coarse flow's last layer starts at zero and the mask at sigmoid(MASK_START)
+    layer's mask) and the match's block size; the coarse flow's last layer starts at zero and the mask at sigmoid(MASK_START)
     everywhere, so with the mask off the untrained model is the one without it, and with it the
     dancer layer is 1.8 % of the frame. Trained (jittered): batched, per-frame and checkpointed
     training agree (its gradients included), the rollouts agree, and the coarse flow and the dancer
@@ -531,7 +533,7 @@ def test_pose_flow_starts_near_the_model_without_and_every_path_agrees(prior):
     opts = dict(prior=prior, residual=True, condition="first", first_pose=True, warp=True)
     fresh, without = VAE_Model(*TINY, **opts, pose_flow=True), VAE_Model(*TINY, **opts)
     added = sorted(set(fresh.state_dict()) - set(without.state_dict()))
-    assert {k.split(".")[0] for k in added} == {"flow_coarse", "pose_query", "pose_key", "dancer_mask"}
+    assert {k.split(".")[0] for k in added} == {"flow_coarse", "pose_query", "pose_key", "dancer_mask", "match_block"}
     without.load_state_dict({k: v for k, v in fresh.state_dict().items() if k not in added})
     img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
     eps = torch.randn(2, 5, TINY[2], 32, 64)
@@ -564,11 +566,13 @@ def test_pose_flow_starts_near_the_model_without_and_every_path_agrees(prior):
         VAE_Model(*TINY, residual=True, condition="first", warp=True, pose_flow=True)
 
 
-def _one_hot_match():
-    """A pose_flow model whose match keys single out one block (one-hot features, large weights),
-    and pose features with feature 3 in block (x 10, y 2) of the first pose and in block (x 1, y 5)
-    of pose t (blocks of 4 x 4 pixels, 32 x 64 frames)."""
+def _one_hot_match(b):
+    """A pose_flow model matching b x b blocks (its match_block, loaded from a state_dict) whose
+    match keys single out one block (one-hot features, large weights), and pose features with
+    feature 3 in block (x 10, y 2) of the first pose and in block (x 1, y 5) of pose t (32 x 64
+    frames)."""
     model = VAE_Model(*TINY, residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)
+    model.load_state_dict({**model.state_dict(), "match_block": torch.tensor(b)})
     L, H, W = TINY[1], 32, 64
     with torch.no_grad():
         for conv in (model.pose_query, model.pose_key):
@@ -577,42 +581,44 @@ def _one_hot_match():
                 conv.bias.zero_()
             conv.weight[:L, :, 0, 0] = 20.0 * torch.eye(L)
     first, now = torch.zeros(1, L, H, W), torch.zeros(1, L, H, W)
-    first[0, 3, 8:12, 40:44] = 1.0
-    now[0, 3, 20:24, 4:8] = 1.0
+    first[0, 3, 2 * b:3 * b, 10 * b:11 * b] = 1.0
+    now[0, 3, 5 * b:6 * b, b:2 * b] = 1.0
     return model, first, now
 
 
-def test_pose_match_finds_where_a_block_of_the_pose_was():
+@pytest.mark.parametrize("b", [2, 4])
+def test_pose_match_finds_where_a_block_of_the_pose_was(b):
     """pose_match: each block of pose t moves by the attention-weighted position of the first
     pose's blocks. With keys that single out one block (one-hot features, large weights), a block
     of pose t whose features match the block at (x0, y0) gets (x0 - x, y0 - y) blocks, in
-    FLOW_SCALE pixels."""
-    model, first, now = _one_hot_match()
+    FLOW_SCALE pixels, for the model's block size b (2 for new models, 4 in older checkpoints)."""
+    model, first, now = _one_hot_match(b)
     H, W = first.shape[-2:]
     with torch.no_grad():
         d = model.pose_match(now, first)
-    assert d.shape == (1, 2, H // 4, W // 4)
-    torch.testing.assert_close(d[0, :, 5, 1], torch.tensor([10.0 - 1, 2.0 - 5]) * 4 / FLOW_SCALE, rtol=0, atol=1e-4)
+    assert d.shape == (1, 2, H // b, W // b)
+    torch.testing.assert_close(d[0, :, 5, 1], torch.tensor([10.0 - 1, 2.0 - 5]) * b / FLOW_SCALE, rtol=0, atol=1e-4)
 
 
-def test_match_error_reads_the_first_poses_colours_through_the_match():
+@pytest.mark.parametrize("b", [2, 4])
+def test_match_error_reads_the_first_poses_colours_through_the_match(b):
     """match_error: the first pose image's block means read through the match's attention, against
     pose t's, mean squared per row, summed. With _one_hot_match's keys and pose images whose
     colours sit where those features are, the match that finds the block reproduces it there; pose
     t's empty blocks attend evenly and read the first pose's mean; a wrong colour in the matched
     block adds its squared difference, averaged over the row."""
-    model, first, now = _one_hot_match()
+    model, first, now = _one_hot_match(b)
     first, now = first.expand(2, -1, -1, -1), now.expand(2, -1, -1, -1)
     H, W = first.shape[-2:]
     first_img, now_img = torch.zeros(2, 3, H, W), torch.zeros(2, 3, H, W)
-    first_img[:, 0, 8:12, 40:44] = 1.0  # the limb is red where its features are
-    now_img[0, 0, 20:24, 4:8] = 1.0  # row 0: red where pose t's features are
-    now_img[1, 1, 20:24, 4:8] = 1.0  # row 1: green there, so the match brings the wrong colour
+    first_img[:, 0, 2 * b:3 * b, 10 * b:11 * b] = 1.0  # the limb is red where its features are
+    now_img[0, 0, 5 * b:6 * b, b:2 * b] = 1.0  # row 0: red where pose t's features are
+    now_img[1, 1, 5 * b:6 * b, b:2 * b] = 1.0  # row 1: green there, so the match brings the wrong colour
     with torch.no_grad():
         attn = model._match_attn(now, first)[0]
-        err = torch.stack([match_error(attn[i:i + 1], now_img[i:i + 1], first_img[i:i + 1]) for i in range(2)])
-        both = match_error(attn, now_img, first_img)
-    n = (H // 4) * (W // 4)
+        err = torch.stack([match_error(attn[i:i + 1], now_img[i:i + 1], first_img[i:i + 1], b) for i in range(2)])
+        both = match_error(attn, now_img, first_img, b)
+    n = (H // b) * (W // b)
     # pose t's empty blocks attend evenly over the first pose, so read its mean: 1/n of red
     empty = (n - 1) * (1 / n) ** 2 / (3 * n)
     torch.testing.assert_close(err[0], torch.tensor(empty), rtol=1e-3, atol=0)
@@ -750,6 +756,30 @@ def test_pose_flow_checkpoints_written_before_the_dancer_layer():
             pred, flow, _ = m._decode(cond, label_feat, z, first)
             plain = warp(first, flow) + m.Generator(m.Decoder_Fusion(m._split(cond)[0], label_feat, z))
             assert torch.allclose(pred, plain, rtol=1e-5, atol=1e-6) == layer_off
+
+
+def test_pose_flow_checkpoints_written_before_the_match_block():
+    """A pose_flow checkpoint without match_block (written when the match used 4 x 4 blocks) loads
+    matching 4 x 4 blocks; one written now keeps its own block size (2) through a save and load;
+    the two compute different frames from the same weights."""
+    torch.manual_seed(0)
+    opts = dict(residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)
+    model = jitter(VAE_Model(*TINY, **opts)).eval()
+    assert model._match_px == model.match_block.item() == MATCH_BLOCK == 2
+    old, new = VAE_Model(*TINY, **opts).eval(), VAE_Model(*TINY, **opts).eval()
+    load_model_weights(old, {"model": {k: v for k, v in model.state_dict().items() if k != "match_block"}}, "old.ckpt")
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    load_model_weights(new, {"model": torch.load(buf, weights_only=True)}, "new.ckpt")
+    assert old._match_px == 4 and new._match_px == 2
+    first, lab = torch.rand(2, 3, 32, 64), torch.rand(2, 3, 3, 32, 64)
+    eps = model.sample_noise(2, 3, 32, 64)
+    with torch.no_grad():
+        assert old.pose_match(old.encode_labels(lab[:, 1]), old.encode_labels(lab[:, 0])).shape == (2, 2, 8, 16)
+        ref = model.generate(first, lab, eps)
+        torch.testing.assert_close(new.generate(first, lab, eps), ref, rtol=0, atol=0)
+        assert not torch.allclose(old.generate(first, lab, eps), ref)
 
 
 def test_kl_near_the_prior_is_accurate_and_never_negative():
