@@ -615,15 +615,18 @@ def test_ctrl_c_while_torch_loads_exits_quietly(script):
     """Ctrl-C in the seconds the script spends importing torch: exit code 130 and no traceback,
     as after main() has started. The signal is sent once torch's library is mapped into the
     process (its import has begun; the rest of it takes a second or more)."""
-    proc = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        with open(f"/proc/{proc.pid}/maps") as f:
-            if "libtorch" in f.read():
-                break
-        time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=120)
+    for _ in range(5):  # on a busy machine this loop can see the mapping only after --help is done
+        proc = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            with open(f"/proc/{proc.pid}/maps") as f:
+                if "libtorch" in f.read():
+                    break
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        if not (proc.returncode == 0 and "usage:" in out):
+            break
     assert proc.returncode == 130, (out[-300:], err[-1000:])
     assert "Traceback" not in err and "KeyboardInterrupt" not in err
