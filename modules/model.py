@@ -4,6 +4,8 @@ rollout. Trainer, Tester and the benchmark all call these; nothing else re-imple
 Shapes: B batch, T frames, C=3, H x W the frame size, N the latent channels.
 Images are float in [0, 1]. Per-sequence state is passed in and returned, never stored here.
 """
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -115,18 +117,27 @@ def blur(x, sigma):
     return F.conv2d(x, k.view(1, 1, -1, 1).expand(C, 1, -1, 1), groups=C)
 
 
+class DancerLayer(NamedTuple):
+    """pose_flow's second layer, as _decode returns it: the match's displacement in pixels
+    (B, 2, H, W), the mask that blends the first frame moved by it over the warped frame
+    (B, 1, H, W), and the match's attention (B, hw, hw) that the displacement came from."""
+    displacement: torch.Tensor
+    mask: torch.Tensor
+    attn: torch.Tensor
+
+
 def warp_error(img, flow, target, layer=None):
     """The warp's own loss, summed over rows: for each row, the mean over WARP_BLURS of the mean
     squared error between img warped by flow and target, both blurred. At least float32.
-    layer, pose_flow's dancer layer as _decode returns it (displacement in pixels, mask, ...),
-    blends img moved by the displacement over the warped image by the mask, as the model does."""
+    layer, a DancerLayer, blends img moved by its displacement over the warped image by its mask,
+    as the model does."""
     dtype = torch.promote_types(torch.promote_types(img.dtype, flow.dtype), torch.float32)
     img, target = img.to(dtype), target.to(dtype)
 
     def moved(x):
         out = warp(x, flow)
         if layer is not None:
-            out = out + layer[1] * (warp(x, layer[0]) - out)
+            out = out + layer.mask * (warp(x, layer.displacement) - out)
         return out
     err = sum((moved(blur(img, s)) - blur(target, s)).pow(2).mean(dim=(1, 2, 3)) for s in WARP_BLURS)
     return err.sum() / len(WARP_BLURS)
@@ -329,8 +340,7 @@ class VAE_Model(nn.Module):
         return self._decode(prev_feat, label_feat, z, prev_img)[0]
 
     def _decode(self, prev_feat, label_feat, z, prev_img):
-        """decode(), the flow in pixels (None without warp) and pose_flow's dancer layer (else None):
-        the match's displacement in pixels, the mask and the match's attention."""
+        """decode(), the flow in pixels (None without warp) and pose_flow's DancerLayer (else None)."""
         prev_feat, first_pose_feat = self._split(prev_feat)
         fused = self.Decoder_Fusion(prev_feat, label_feat, z)
         out = self.Generator(fused)
@@ -345,12 +355,12 @@ class VAE_Model(nn.Module):
                 coarse = self.flow_coarse(torch.cat([pooled, on_coarse.to(pooled.dtype)], 1))
                 flow = flow + F.interpolate(coarse, size=fused.shape[-2:], mode="bilinear", align_corners=False)
                 match = F.interpolate(match, size=fused.shape[-2:], mode="bilinear", align_corners=False)
-                layer = (match * self.flow_scale, torch.sigmoid(self.dancer_mask(fused)), attn)
-                dancer = warp(prev_img, layer[0])
+                layer = DancerLayer(match * self.flow_scale, torch.sigmoid(self.dancer_mask(fused)), attn)
+                dancer = warp(prev_img, layer.displacement)
             flow = flow * self.flow_scale
             prev_img = warp(prev_img, flow)
             if layer is not None:
-                prev_img = prev_img + layer[1] * (dancer - prev_img)
+                prev_img = prev_img + layer.mask * (dancer - prev_img)
         return (prev_img + out if self.residual else out), flow, layer
 
     def pose_match(self, label_feat, first_pose_feat):
@@ -385,7 +395,7 @@ class VAE_Model(nn.Module):
         if target is None:
             return prev_img.new_zeros((), dtype=torch.float32)
         err = warp_error(prev_img, flow, target, layer)
-        return err if layer is None else err + match_error(layer[2], *poses, self._match_px)
+        return err if layer is None else err + match_error(layer.attn, *poses, self._match_px)
 
     def _frame_terms(self, prev_feat, prev_img, feat, label_feat, eps, target=None, poses=None):
         """The training terms of predicted frames (rows): z_t ~ q(z | x_t, pose_t) from the true

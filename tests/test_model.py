@@ -8,8 +8,8 @@ from torch.distributions import Normal, kl_divergence
 
 from modules import VAE_Model
 from modules.checkpoint import load_model_weights
-from modules.model import (FLOW_SCALE, MASK_START, MATCH_BLOCK, WARP_BLURS, blur, kl_gaussians, kl_standard_normal, match_error, warp,
-                           warp_error)
+from modules.model import (FLOW_SCALE, MASK_START, MATCH_BLOCK, WARP_BLURS, DancerLayer, blur, kl_gaussians,
+                           kl_standard_normal, match_error, warp, warp_error)
 from modules.modules import reparameterize
 from modules.runtime import Speed, make_step_fn, peak_memory_growth, prepare_model, rollout, with_bf16_convs
 
@@ -656,14 +656,14 @@ def test_blur_and_warp_error():
     # pose_flow's layer: img moved by its displacement, blended in by its mask, at every blur.
     d, mask = torch.randn(3, 2, 16, 32), torch.rand(3, 1, 16, 32)
     attn = torch.zeros(())  # unused by warp_error
-    torch.testing.assert_close(warp_error(img, flow, target, (d, torch.zeros_like(mask), attn)),
+    torch.testing.assert_close(warp_error(img, flow, target, DancerLayer(d, torch.zeros_like(mask), attn)),
                                warp_error(img, flow, target))
-    torch.testing.assert_close(warp_error(img, flow, target, (d, torch.ones_like(mask), attn)),
+    torch.testing.assert_close(warp_error(img, flow, target, DancerLayer(d, torch.ones_like(mask), attn)),
                                warp_error(img, d, target))
     blended = sum(sum(F.mse_loss(warp(blur(img[i:i + 1], s), flow[i:i + 1]) * (1 - mask[i:i + 1])
                                  + warp(blur(img[i:i + 1], s), d[i:i + 1]) * mask[i:i + 1], blur(target[i:i + 1], s))
                       for s in WARP_BLURS) for i in range(3)) / len(WARP_BLURS)
-    torch.testing.assert_close(warp_error(img, flow, target, (d, mask, attn)), blended)
+    torch.testing.assert_close(warp_error(img, flow, target, DancerLayer(d, mask, attn)), blended)
 
 
 @pytest.mark.parametrize("condition", ["first", "previous"])
