@@ -18,6 +18,8 @@ RUN="$OUT/run"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 step() { echo "== $1 ($(date +%T))"; }
+# A failed step shows the end of its log, so the one output of a device call says what went wrong.
+failed() { echo "-- exit status $1; the end of $2:"; tail -5 "$2"; }
 
 step "device"
 python3 - <<'PY' 2>&1 | tee "$OUT/device.txt"
@@ -45,15 +47,21 @@ timeout -s INT "$TRAIN_S" python3 Trainer.py --DR "$DR" --save_root "$RUN" --ove
     --lr "$LR" --scheduler cosine --warmup_epochs 1 --min_lr 1e-5 --kl_anneal_type Full_KL \
     --num_epoch 30 --val_every 5 --per_save 100 --compile off \
     --first_pose --warp --pose_flow --warp_loss 1 > "$OUT/train.log" 2>&1
+rc=$?
 tr '\r' '\n' < "$OUT/train.log" | grep -a -E "^ *epoch [0-9]+/[0-9]+ \||val PSNR|Stopped|Done" | tail -40
+[[ $rc -eq 0 || $rc -eq 124 ]] || failed $rc "$OUT/train.log"
+# best.ckpt is written at the first validation; a run stopped before it leaves last.ckpt only.
+CKPT="$RUN/best.ckpt"
+[[ -f "$CKPT" ]] || CKPT="$RUN/last.ckpt"
 
 step "Tester"
-python3 Tester.py --ckpt_path "$RUN/best.ckpt" --DR "$DR" --save_root "$RUN/test" > "$OUT/test.log" 2>&1
-tail -12 "$OUT/test.log"
+echo "checkpoint: $CKPT"
+python3 Tester.py --ckpt_path "$CKPT" --DR "$DR" --save_root "$RUN/test" > "$OUT/test.log" 2>&1 \
+    && tail -12 "$OUT/test.log" || failed $? "$OUT/test.log"
 
 step "error regions"
-python3 scripts/error_regions.py --DR "$DR" --ckpt_path "$RUN/best.ckpt" > "$OUT/regions.log" 2>&1
-tail -8 "$OUT/regions.log"
+python3 scripts/error_regions.py --DR "$DR" --ckpt_path "$CKPT" > "$OUT/regions.log" 2>&1 \
+    && tail -8 "$OUT/regions.log" || failed $? "$OUT/regions.log"
 
 # Generation of 5 x 630 frames: the lab's model with the step as the Tester runs it (eager, captured
 # in a CUDA graph), then compiled before the capture; and the quality run's model, whose frames
@@ -61,6 +69,6 @@ tail -8 "$OUT/regions.log"
 step "generation benchmark"
 for extra in "" "--compile_gen" "--condition first --residual --first_pose --warp --pose_flow"; do
     python3 scripts/bench.py --device cuda --skip_eager --compile off --batch_size 8 --steps 2 \
-        --warmup 1 --json $extra 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl"
+        --warmup 1 --json $extra 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl" || failed $? "$OUT/bench.err"
 done
 step "done"
