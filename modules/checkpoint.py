@@ -125,6 +125,10 @@ def load_model_weights(model, ckpt, path):
     if "flow_coarse.0.weight" in sd and "match_block" not in sd:
         # pose_flow written before the match's block size was stored: it matched 4 x 4 blocks.
         sd = {**sd, "match_block": torch.tensor(4)}
+    if "flow_coarse.0.weight" in sd and "base_view.weight" not in sd:
+        # pose_flow written before the Generator saw the frame it changes: a view of zeros.
+        w = sd["flow.weight"]
+        sd = {**sd, "base_view.weight": w.new_zeros(w.shape[1], 3, 1, 1), "base_view.bias": w.new_zeros(w.shape[1])}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -213,7 +213,9 @@ class VAE_Model(nn.Module):
     output, then a sigmoid) blends over the warped frame. A flow cannot learn a move of tens of
     pixels from gradients that see a few pixels around where it reads; a blend of two images learns
     per pixel which is right. With the warp loss (forward's warp_loss) the match is also trained to
-    be a correspondence: the first pose's colours, read through the attention, against pose t's."""
+    be a correspondence: the first pose's colours, read through the attention, against pose t's.
+    The Generator sees the frame its change is added to: `base_view`, a 1x1 convolution of that
+    frame starting at zero, is added to its input."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
                  condition="previous", first_pose=False, warp=False, pose_flow=False):
@@ -256,9 +258,17 @@ class VAE_Model(nn.Module):
             self.register_load_state_dict_post_hook(_read_match_block)
         self.pose_query = nn.Conv2d(L_dim, MATCH_DIM, 1) if pose_flow else None
         self.dancer_mask = nn.Conv2d(D_out_dim, 1, 3, padding=1) if pose_flow else None
+        self.base_view = None
         if pose_flow:
             nn.init.zeros_(self.dancer_mask.weight)
             nn.init.constant_(self.dancer_mask.bias, MASK_START)
+            # The frame the Generator's change is added to (warped, the dancer layer blended in),
+            # through a 1 x 1 convolution added to the Generator's input, so that the change can
+            # correct what the warp and the layer left (ghosts, doubled limbs) instead of guessing
+            # it from the features. Starts at zero: the untrained model is the one without it.
+            self.base_view = nn.Conv2d(3, D_out_dim, 1)
+            nn.init.zeros_(self.base_view.weight)
+            nn.init.zeros_(self.base_view.bias)
         # No bias on the keys: it would add the same amount to every key a query is compared with.
         self.pose_key = nn.Conv2d(L_dim, MATCH_DIM, 1, bias=False) if pose_flow else None
         if residual:
@@ -343,7 +353,7 @@ class VAE_Model(nn.Module):
         """decode(), the flow in pixels (None without warp) and pose_flow's DancerLayer (else None)."""
         prev_feat, first_pose_feat = self._split(prev_feat)
         fused = self.Decoder_Fusion(prev_feat, label_feat, z)
-        out = self.Generator(fused)
+        out = None if self.base_view is not None else self.Generator(fused)
         flow = layer = None
         if self.flow is not None:
             flow = self.flow(fused)
@@ -361,6 +371,8 @@ class VAE_Model(nn.Module):
             prev_img = warp(prev_img, flow)
             if layer is not None:
                 prev_img = prev_img + layer.mask * (dancer - prev_img)
+        if out is None:  # pose_flow: the Generator sees the frame it changes
+            out = self.Generator(fused + self.base_view(prev_img.to(fused.dtype)))
         return (prev_img + out if self.residual else out), flow, layer
 
     def pose_match(self, label_feat, first_pose_feat):

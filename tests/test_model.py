@@ -523,8 +523,9 @@ def test_warp_starts_as_the_model_without_it_and_every_path_agrees(condition):
 
 @pytest.mark.parametrize("prior", ["fixed", "learned"])
 def test_pose_flow_starts_near_the_model_without_and_every_path_agrees(prior):
-    """pose_flow: four more modules (the pose match's query and key, the coarse flow, the dancer
-    layer's mask) and the match's block size; the coarse flow's last layer starts at zero and the mask at sigmoid(MASK_START)
+    """pose_flow: five more modules (the pose match's query and key, the coarse flow, the dancer
+    layer's mask, the Generator's view of the frame it changes, starting at zero) and the match's
+    block size; the coarse flow's last layer starts at zero and the mask at sigmoid(MASK_START)
     everywhere, so with the mask off the untrained model is the one without it, and with it the
     dancer layer is 1.8 % of the frame. Trained (jittered): batched, per-frame and checkpointed
     training agree (its gradients included), the rollouts agree, and the coarse flow and the dancer
@@ -533,7 +534,9 @@ def test_pose_flow_starts_near_the_model_without_and_every_path_agrees(prior):
     opts = dict(prior=prior, residual=True, condition="first", first_pose=True, warp=True)
     fresh, without = VAE_Model(*TINY, **opts, pose_flow=True), VAE_Model(*TINY, **opts)
     added = sorted(set(fresh.state_dict()) - set(without.state_dict()))
-    assert {k.split(".")[0] for k in added} == {"flow_coarse", "pose_query", "pose_key", "dancer_mask", "match_block"}
+    assert {k.split(".")[0] for k in added} == {"flow_coarse", "pose_query", "pose_key", "dancer_mask", "match_block",
+                                                 "base_view"}
+    assert torch.all(fresh.base_view.weight == 0) and torch.all(fresh.base_view.bias == 0)
     without.load_state_dict({k: v for k, v in fresh.state_dict().items() if k not in added})
     img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
     eps = torch.randn(2, 5, TINY[2], 32, 64)
@@ -744,7 +747,7 @@ def test_pose_flow_checkpoints_written_before_the_dancer_layer():
     torch.manual_seed(0)
     opts = dict(residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)
     model = jitter(VAE_Model(*TINY, **opts)).eval()
-    old_sd = {k: v for k, v in model.state_dict().items() if not k.startswith("dancer_mask.")}
+    old_sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("dancer_mask.", "base_view."))}
     old = VAE_Model(*TINY, **opts).eval()
     load_model_weights(old, {"model": old_sd}, "old.ckpt")
     first, lab = torch.rand(2, 3, 32, 64), torch.rand(2, 2, 3, 32, 64)  # poses of frames 0 and 1
@@ -756,6 +759,30 @@ def test_pose_flow_checkpoints_written_before_the_dancer_layer():
             pred, flow, _ = m._decode(cond, label_feat, z, first)
             plain = warp(first, flow) + m.Generator(m.Decoder_Fusion(m._split(cond)[0], label_feat, z))
             assert torch.allclose(pred, plain, rtol=1e-5, atol=1e-6) == layer_off
+
+
+def test_pose_flow_checkpoints_written_before_the_generator_saw_its_base():
+    """A pose_flow checkpoint without base_view loads with a view of zeros: the frame is the
+    warped frame with the dancer layer blended in, plus the Generator's change computed from the
+    features alone, the function it was trained as. A model whose Generator sees that frame is not."""
+    torch.manual_seed(0)
+    opts = dict(residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)
+    model = jitter(VAE_Model(*TINY, **opts)).eval()
+    old = VAE_Model(*TINY, **opts).eval()
+    load_model_weights(old, {"model": {k: v for k, v in model.state_dict().items()
+                                       if not k.startswith("base_view.")}}, "old.ckpt")
+    assert torch.all(old.base_view.weight == 0) and torch.all(old.base_view.bias == 0)
+    first, lab = torch.rand(2, 3, 32, 64), torch.rand(2, 2, 3, 32, 64)  # poses of frames 0 and 1
+    z = torch.randn(2, TINY[2], 32, 64)
+    with torch.no_grad():
+        for m, blind in ((old, True), (model, False)):
+            cond = m.encode_first(first, lab[:, 0])
+            label_feat = m.encode_labels(lab[:, 1])
+            pred, flow, layer = m._decode(cond, label_feat, z, first)
+            base = warp(first, flow)
+            base = base + layer.mask * (warp(first, layer.displacement) - base)
+            change = m.Generator(m.Decoder_Fusion(m._split(cond)[0], label_feat, z))
+            assert torch.allclose(pred, base + change, rtol=1e-5, atol=1e-6) == blind
 
 
 def test_pose_flow_checkpoints_written_before_the_match_block():
