@@ -740,6 +740,18 @@ def test_flow_scale_and_checkpoints_written_before_it():
         assert not torch.allclose(old.generate(first, lab, noise), again.generate(first, lab, noise))
 
 
+@torch.no_grad()
+def _frame_1(m):
+    """A pose_flow model's frame 1 from fixed random inputs: (pred, flow, DancerLayer, the
+    Generator's change computed from the features alone, the first frame)."""
+    g = torch.Generator().manual_seed(5)
+    first, lab = torch.rand(2, 3, 32, 64, generator=g), torch.rand(2, 2, 3, 32, 64, generator=g)
+    z = torch.randn(2, TINY[2], 32, 64, generator=g)
+    cond, label_feat = m.encode_first(first, lab[:, 0]), m.encode_labels(lab[:, 1])
+    pred, flow, layer = m._decode(cond, label_feat, z, first)
+    return pred, flow, layer, m.Generator(m.Decoder_Fusion(m._split(cond)[0], label_feat, z)), first
+
+
 def test_pose_flow_checkpoints_written_before_the_dancer_layer():
     """A pose_flow checkpoint without dancer_mask loads with the mask at zero everywhere: the
     frame is the warped frame plus the Generator's change, the function it was trained as. A
@@ -750,15 +762,9 @@ def test_pose_flow_checkpoints_written_before_the_dancer_layer():
     old_sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("dancer_mask.", "base_view."))}
     old = VAE_Model(*TINY, **opts).eval()
     load_model_weights(old, {"model": old_sd}, "old.ckpt")
-    first, lab = torch.rand(2, 3, 32, 64), torch.rand(2, 2, 3, 32, 64)  # poses of frames 0 and 1
-    z = torch.randn(2, TINY[2], 32, 64)
-    with torch.no_grad():
-        for m, layer_off in ((old, True), (model, False)):
-            cond = m.encode_first(first, lab[:, 0])
-            label_feat = m.encode_labels(lab[:, 1])
-            pred, flow, _ = m._decode(cond, label_feat, z, first)
-            plain = warp(first, flow) + m.Generator(m.Decoder_Fusion(m._split(cond)[0], label_feat, z))
-            assert torch.allclose(pred, plain, rtol=1e-5, atol=1e-6) == layer_off
+    for m, layer_off in ((old, True), (model, False)):
+        pred, flow, _, change, first = _frame_1(m)
+        assert torch.allclose(pred, warp(first, flow) + change, rtol=1e-5, atol=1e-6) == layer_off
 
 
 def test_pose_flow_checkpoints_written_before_the_generator_saw_its_base():
@@ -772,17 +778,11 @@ def test_pose_flow_checkpoints_written_before_the_generator_saw_its_base():
     load_model_weights(old, {"model": {k: v for k, v in model.state_dict().items()
                                        if not k.startswith("base_view.")}}, "old.ckpt")
     assert torch.all(old.base_view.weight == 0) and torch.all(old.base_view.bias == 0)
-    first, lab = torch.rand(2, 3, 32, 64), torch.rand(2, 2, 3, 32, 64)  # poses of frames 0 and 1
-    z = torch.randn(2, TINY[2], 32, 64)
-    with torch.no_grad():
-        for m, blind in ((old, True), (model, False)):
-            cond = m.encode_first(first, lab[:, 0])
-            label_feat = m.encode_labels(lab[:, 1])
-            pred, flow, layer = m._decode(cond, label_feat, z, first)
-            base = warp(first, flow)
-            base = base + layer.mask * (warp(first, layer.displacement) - base)
-            change = m.Generator(m.Decoder_Fusion(m._split(cond)[0], label_feat, z))
-            assert torch.allclose(pred, base + change, rtol=1e-5, atol=1e-6) == blind
+    for m, blind in ((old, True), (model, False)):
+        pred, flow, layer, change, first = _frame_1(m)
+        base = warp(first, flow)
+        base = base + layer.mask * (warp(first, layer.displacement) - base)
+        assert torch.allclose(pred, base + change, rtol=1e-5, atol=1e-6) == blind
 
 
 def test_pose_flow_checkpoints_written_before_the_match_block():
