@@ -353,7 +353,6 @@ class VAE_Model(nn.Module):
         """decode(), the flow in pixels (None without warp) and pose_flow's DancerLayer (else None)."""
         prev_feat, first_pose_feat = self._split(prev_feat)
         fused = self.Decoder_Fusion(prev_feat, label_feat, z)
-        out = None if self.base_view is not None else self.Generator(fused)
         flow = layer = None
         if self.flow is not None:
             flow = self.flow(fused)
@@ -371,8 +370,9 @@ class VAE_Model(nn.Module):
             prev_img = warp(prev_img, flow)
             if layer is not None:
                 prev_img = prev_img + layer.mask * (dancer - prev_img)
-        if out is None:  # pose_flow: the Generator sees the frame it changes
-            out = self.Generator(fused + self.base_view(prev_img.to(fused.dtype)))
+        if self.base_view is not None:  # pose_flow: the Generator sees the frame it changes
+            fused = fused + self.base_view(prev_img.to(fused.dtype))
+        out = self.Generator(fused)
         return (prev_img + out if self.residual else out), flow, layer
 
     def pose_match(self, label_feat, first_pose_feat):
