@@ -184,7 +184,10 @@ def adopt_run_args(args, argv):
         path = args.ckpt_path
     else:
         return
-    stored = load_checkpoint(path).get("args") or {}
+    ckpt = load_checkpoint(path)
+    stored = ckpt.get("args") or {}
+    if ckpt.get("lab_format"):
+        stored = {"lab_activation": True}  # lab code's model (VAE_Model); its other flags are this run's
     given = given_flags(trainer_parser, argv)
     for k, v in stored.items():
         if hasattr(args, k) and k not in given and k not in NOT_ADOPTED:

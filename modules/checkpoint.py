@@ -67,7 +67,10 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     if "model" not in ckpt and "state_dict" not in ckpt:
         if all(isinstance(v, torch.Tensor) for v in ckpt.values()) and any(k.startswith("Generator.") for k in ckpt):
-            return {"model": ckpt}  # a bare state_dict
+            # A bare state_dict: this project never writes one, lab code's users do (the state_dict of
+            # a checkpoint that pickled objects, re-saved as the refusal above tells them), so it is
+            # read as lab code's model.
+            return {"model": ckpt, "lab_format": True}
         raise CheckpointError(f"{path} is not a checkpoint of this model (no 'model' or 'state_dict' entry)")
     if "model" not in ckpt:  # written by lab code
         ckpt = {"model": ckpt["state_dict"], "lab_format": True}
@@ -98,6 +101,8 @@ def model_args(ckpt):
     found = dims_from_state_dict(ckpt["model"])
     out = {k: stored.get(k, found.get(k)) for k in MODEL_ARGS}
     out.update({k: found[k] for k in found})  # the weights are the truth
+    if ckpt.get("lab_format"):
+        out["lab_activation"] = True  # lab code's LeakyReLU(True) (VAE_Model)
     return out
 
 

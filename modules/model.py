@@ -78,7 +78,7 @@ def build_model(a):
     return VAE_Model(a["F_dim"], a["L_dim"], a["N_dim"], a["D_out_dim"], prior=a.get("prior") or "fixed",
                      residual=bool(a.get("residual")), condition=a.get("condition") or "previous",
                      first_pose=bool(a.get("first_pose")), warp=bool(a.get("warp")),
-                     pose_flow=bool(a.get("pose_flow")))
+                     pose_flow=bool(a.get("pose_flow")), lab_activation=bool(a.get("lab_activation")))
 
 
 def warp(img, flow):
@@ -218,7 +218,7 @@ class VAE_Model(nn.Module):
     frame starting at zero, is added to its input."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
-                 condition="previous", first_pose=False, warp=False, pose_flow=False):
+                 condition="previous", first_pose=False, warp=False, pose_flow=False, lab_activation=False):
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
@@ -275,6 +275,13 @@ class VAE_Model(nn.Module):
             nn.init.zeros_(self.Generator[-1].weight)
             nn.init.zeros_(self.Generator[-1].bias)
         self._start_at_the_prior(F_dim + L_dim)
+        if lab_activation:
+            # The lab's code writes nn.LeakyReLU(True) in these two modules: negative_slope=True, a
+            # slope of 1, the identity. Its checkpoints compute their function only with it.
+            acts = [self.label_transformation[3], self.Gaussian_Predictor[5]]
+            acts += [self.prior[5]] if self.prior is not None else []
+            for act in acts:
+                act.negative_slope = 1.0
 
     @torch.no_grad()
     def _start_at_the_prior(self, z_start):

@@ -22,7 +22,9 @@ class RGB_Encoder(nn.Sequential):
 class Label_Encoder(nn.Sequential):
     def __init__(self, in_chans, out_chans, norm_layer=nn.BatchNorm2d):
         # The lab writes nn.LeakyReLU(True), i.e. a slope of 1.0 (the identity); we use the
-        # default slope so the layer is a non-linearity. It has no parameters: lab weights load.
+        # default slope so the layer is a non-linearity. It has no parameters, so lab weights load;
+        # VAE_Model(lab_activation=True) sets the slope back to 1 for them (here and in the
+        # Gaussian_Predictor).
         super().__init__(
             nn.ReflectionPad2d(3),
             nn.Conv2d(in_chans, out_chans // 2, kernel_size=7),

@@ -4,7 +4,8 @@ import argparse
 import os
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
-MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose", "warp", "pose_flow")
+MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose", "warp", "pose_flow",
+                           "lab_activation")
 KL_TYPES = ("Cyclical", "Monotonic", "Full_KL", "None")
 TF_MODES = ("epoch", "step", "frame")
 SCHEDULERS = ("multistep", "step", "cosine", "none")
@@ -133,6 +134,11 @@ def trainer_parser():
     g.add_argument("--log_every", type=int, default=20, help="steps between progress-bar and log updates")
     g.add_argument("--max_nan_steps", type=int, default=5,
                    help="stop after this many consecutive non-finite losses (each one is skipped)")
+    g.add_argument("--lab_activation", action="store_true",
+                   help="the lab code's activation in Label_Encoder and Gaussian_Predictor, nn.LeakyReLU(True): "
+                        "a slope of 1, i.e. none (this project's modules use a slope of 0.01); set by itself "
+                        "when --ckpt_path is a checkpoint written by lab code, so it trains on as the function "
+                        "it was trained as")
     g = p.add_argument_group("teacher forcing")
     g.add_argument("--tfr", type=float, default=1.0, help="teacher-forcing ratio at the start")
     g.add_argument("--tfr_sde", type=int, default=10, help="epoch from which the ratio decays")

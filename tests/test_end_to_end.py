@@ -122,6 +122,56 @@ def test_lab_format_checkpoint_loads_in_tester(run, tmp_path):
     assert len(_submission(tmp_path / "o" / "submission.csv")) == 41
 
 
+@pytest.mark.parametrize("prior", ["fixed", "learned"])
+def test_lab_checkpoint_computes_the_lab_codes_function(tmp_path, prior):
+    """Lab code writes nn.LeakyReLU(True) (a slope of 1: no activation) in Label_Encoder and
+    Gaussian_Predictor; its checkpoints are rebuilt with it, ours keep the slope of 0.01."""
+    from helpers import jitter
+    from modules.checkpoint import load_checkpoint, model_args
+    from modules.model import build_model
+    sd = jitter(VAE_Model(16, 8, 4, 16, prior=prior)).state_dict()
+    lab, bare, ours = tmp_path / "lab.ckpt", tmp_path / "bare.pt", tmp_path / "ours.ckpt"
+    torch.save({"state_dict": sd, "optimizer": {}}, lab)
+    torch.save(sd, bare)
+    torch.save({"model": sd, "args": {"F_dim": 16}}, ours)
+    g = torch.Generator().manual_seed(0)
+    label, feat = torch.rand(2, 3, 8, 16, generator=g), torch.randn(2, 16, 8, 16, generator=g)
+
+    def lab_code(m):  # the lab's two modules, written out with the identity where it has LeakyReLU(True)
+        enc = m.label_transformation
+        pose = enc[4](enc[2](enc[1](enc[0](label))))
+        gp = m.Gaussian_Predictor
+        return pose, gp[6](torch.nn.Sequential(*list(gp)[:5])(torch.cat([feat, pose], 1)))
+
+    for path, is_lab in ((lab, True), (bare, True), (ours, False)):
+        ckpt = load_checkpoint(str(path))
+        m = build_model(model_args(ckpt)).eval()
+        m.load_state_dict(ckpt["model"])
+        with torch.no_grad():
+            pose, params = lab_code(m)
+            got_pose = m.label_transformation(label)
+            got = torch.cat(m.Gaussian_Predictor(feat, got_pose)[1:], 1)
+        same = torch.allclose(got_pose, pose, atol=1e-6) and torch.allclose(got, params, atol=1e-6)
+        assert same == is_lab, path.name
+        if prior == "learned":
+            assert m.prior[5].negative_slope == (1.0 if is_lab else 0.01)
+
+
+def test_trainer_keeps_a_lab_checkpoints_activation(run, tmp_path):
+    dr, _ = run
+    lab = tmp_path / "lab.ckpt"
+    torch.save({"state_dict": VAE_Model(16, 8, 4, 16).state_dict()}, lab)
+    save = tmp_path / "from_lab"
+    assert Trainer.main(["--DR", str(dr), "--save_root", str(save), "--ckpt_path", str(lab), "--num_epoch", "1",
+                         "--batch_size", "2", "--val_vi_len", "20", "--train_vi_len", "4", "--partial", "0.25",
+                         *TINY]) == 0
+    ckpt = torch.load(save / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["args"]["lab_activation"] is True
+    loaded, _ = Tester.load_model(str(save / "last.ckpt"),
+                                  Tester.tester_parser().parse_args(["--ckpt_path", str(save / "last.ckpt")]))
+    assert loaded.label_transformation[3].negative_slope == 1.0
+
+
 def test_trainer_test_flag_validates_only(run, capsys):
     dr, save = run
     assert Trainer.main(["--DR", str(dr), "--ckpt_path", str(save / "last.ckpt"), "--test", "--val_vi_len", "20",
