@@ -88,6 +88,22 @@ def find_resume_checkpoint(save_root):
     return found[-1]
 
 
+def continues_its_folder(args):
+    """Whether the run starts from a checkpoint in its own save_root."""
+    return bool(args.ckpt_path) and (os.path.realpath(os.path.dirname(os.path.abspath(args.ckpt_path)))
+                                     == os.path.realpath(args.save_root))
+
+
+def best_on_disk(path):
+    """The validation PSNR of the model in best.ckpt at `path`, or -inf when there is none to read."""
+    if not os.path.isfile(path):
+        return float("-inf")
+    try:
+        return float(load_checkpoint(path).get("best_psnr", float("-inf")))
+    except (CheckpointError, TypeError, ValueError):
+        return float("-inf")  # unreadable: the next validation replaces it
+
+
 def plan_save_root(args):
     """Decide where the run writes and which checkpoint (if any) it resumes from."""
     if args.resume:
@@ -104,9 +120,7 @@ def plan_save_root(args):
         args.save_root = os.path.dirname(os.path.abspath(args.ckpt_path))
     elif args.save_root is None:
         args.save_root = new_run_folder()
-    elif not args.overwrite and glob.glob(os.path.join(args.save_root, "*.ckpt")) and not (
-            args.ckpt_path and os.path.realpath(os.path.dirname(os.path.abspath(args.ckpt_path)))
-            == os.path.realpath(args.save_root)):
+    elif not args.overwrite and glob.glob(os.path.join(args.save_root, "*.ckpt")) and not continues_its_folder(args):
         # Only a checkpoint's own folder is continued without asking.
         raise ConfigError(f"--save_root {args.save_root} already holds checkpoints: resume it with "
                           f"--resume {args.save_root}, choose another --save_root, or pass --overwrite")
@@ -370,10 +384,24 @@ def _train(args, d, stop):
 
     writer = None
     if d.is_main:
-        if args.overwrite and not args.resume and start_epoch == 0 and progress is None:
+        # A new run in save_root: from scratch, or from a checkpoint of another folder. (A run that
+        # continues from its own folder's checkpoint keeps the folder's other checkpoints.)
+        if args.overwrite and not args.resume and (start_epoch == 0 and progress is None
+                                                   or not continues_its_folder(args)):
             remove_previous_run(args)
+        # A run taken back to an earlier checkpoint of its folder (--ckpt_path .../epoch_3.ckpt)
+        # may find a better model in best.ckpt, validated after that epoch: it is replaced only by
+        # a better one.
+        best_path = os.path.join(args.save_root, "best.ckpt")
+        kept = best_on_disk(best_path)
+        if kept > best_psnr:
+            print(f"{best_path} holds a model validated at {kept:.2f} dB, above this run's best so far "
+                  f"({best_psnr:.2f} dB): a validation replaces it only if it scores higher", flush=True)
+            best_psnr = kept
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(args.save_root)
+        # Events from a later epoch than this run starts at (a crash before last.ckpt was written,
+        # or a run taken back to an earlier checkpoint) are hidden from TensorBoard's curves.
+        writer = SummaryWriter(args.save_root, purge_step=start_epoch + 1 if start_epoch else None)
         write_json(os.path.join(args.save_root, "args.json"), plain_args(args))  # atomic: a crash keeps the old one
         print(f"Training on {speed.device} ({d.world_size} process(es)), amp={speed.amp}, "
               f"channels_last={speed.channels_last}, compile={speed.compile}; "

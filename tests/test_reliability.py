@@ -569,6 +569,51 @@ def test_overwrite_removes_the_previous_runs_checkpoints(dr, tmp_path, monkeypat
     assert (run / "mine" / "best.ckpt").read_text() == (run / "notes.txt").read_text() == "the previous run's"
 
 
+def test_overwrite_with_another_runs_checkpoint_starts_a_clean_folder(baseline, dr, tmp_path, capsys):
+    """--overwrite removed nothing when --ckpt_path came from another folder and held a finished
+    epoch: the old run's later checkpoints stayed beside the new run's, and its best.ckpt, a model
+    the new run never beat, was the one the closing line told the user to test."""
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)  # a previous run of 3 epochs
+    start = tmp_path / "elsewhere" / "epoch_1.ckpt"
+    start.parent.mkdir()
+    shutil.copy(os.path.join(baseline, "epoch_1.ckpt"), start)
+    assert Trainer.main(["--DR", dr, *RUN, "--num_epoch", "2", "--save_root", str(run), "--overwrite",
+                         "--ckpt_path", str(start)]) == 0
+    assert "--overwrite: removed the previous run's" in capsys.readouterr().out
+    assert not (run / "epoch_3.ckpt").exists() and not (run / "epoch_1.ckpt").exists()
+    assert [r["epoch"] for r in rows(str(run))] == [2]
+    assert load_checkpoint(str(run / "best.ckpt"))["epoch"] == 2
+
+
+def _val_psnr_events(run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, round(e.value, 3)) for e in acc.Scalars("val/psnr")]
+
+
+def test_going_back_to_an_earlier_checkpoint_keeps_a_better_best(baseline, dr, tmp_path, monkeypatch, capsys):
+    """A run taken back to epoch_1.ckpt compared its validations with epoch 1's best PSNR, so a
+    worse model overwrote the better best.ckpt of a later epoch; TensorBoard showed the old run's
+    later epochs beside the new ones."""
+    from modules.checkpoint import save_checkpoint
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+    best = load_checkpoint(str(run / "best.ckpt"))
+    save_checkpoint(run / "best.ckpt", dict(best, best_psnr=50.0))  # a later epoch validated at 50 dB
+    real = Trainer.validate
+    monkeypatch.setattr(Trainer, "validate", lambda *a, **kw: dict(real(*a, **kw), psnr=40.0))
+    assert load_checkpoint(str(run / "epoch_1.ckpt"))["best_psnr"] < 40.0
+    assert Trainer.main(["--ckpt_path", str(run / "epoch_1.ckpt"), "--num_epoch", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "holds a model validated at 50.00 dB" in out and "Best val PSNR 50.00 dB" in out
+    assert load_checkpoint(str(run / "best.ckpt"))["best_psnr"] == 50.0
+    old = _val_psnr_events(baseline)
+    assert [step for step, _ in old] == [1, 2, 3]
+    assert _val_psnr_events(run) == [old[0], (2, 40.0)]
+
+
 def test_resume_given_a_checkpoint_file_names_the_right_flag(baseline, capsys):
     """--resume RUN/last.ckpt was answered 'no such folder' about a file that exists."""
     last = os.path.join(baseline, "last.ckpt")
