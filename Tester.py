@@ -25,7 +25,7 @@ from modules.model import build_model  # noqa: E402
 from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weights, model_args  # noqa: E402
 from modules.files import atomic_write, dump_json, outermost_missing, remove_empty_folders  # noqa: E402
 from modules.engine import OutOfMemory, first_line, is_out_of_memory  # noqa: E402
-from modules.metrics import drift, psnr, ssim  # noqa: E402
+from modules.metrics import SSIM_WINDOW, drift, psnr, ssim  # noqa: E402
 from modules.options import ConfigError, check_tester, tester_parser, writable_folder  # noqa: E402
 from modules.runtime import prepare_model, resolve_speed, rollout, to_float  # noqa: E402
 from modules.visualize import save_gif, save_psnr_plot, save_strip  # noqa: E402
@@ -53,6 +53,10 @@ def write_submission(path, videos, written):
     write_output(path, lambda tmp: np.savetxt(tmp, table, fmt="%d", delimiter=",", header=header, comments=""),
                  written)
     return table.shape
+
+
+def fmt_ssim(value):
+    return f"{value:6.4f}" if value is not None else f"{'n/a':>6}"
 
 
 def load_model(path, args):
@@ -128,23 +132,29 @@ def run(args, written=None):
     if all(seq["gt"] is not None for seq in seqs):
         print(f"\n{'seq':>6} | {'PSNR':>7} | {'best-of-%d' % K if K > 1 else '':>9} | {'SSIM':>6} | copy-first")
         curves = {}
+        H, W = seqs[0]["gt"].shape[-2:]
+        with_ssim = min(H, W) >= SSIM_WINDOW  # its 11 x 11 window must fit in the frame
         for k, seq in enumerate(seqs):
             gt = seq["gt"].float() / 255
             per_sample = torch.stack([psnr(preds[(k, s)][1:], gt[1:]) for s in range(K)])  # (K, L-1)
-            ssims = torch.stack([ssim(preds[(k, s)][1:], gt[1:]) for s in range(K)])  # (K, L-1)
+            ssims = (torch.stack([ssim(preds[(k, s)][1:], gt[1:]) for s in range(K)])  # (K, L-1)
+                     if with_ssim else None)
             copy = psnr(gt[:1].expand(L - 1, -1, -1, -1), gt[1:])
             row = {"name": seq["name"], "psnr": per_sample.mean().item(),
-                   "best_of_k_psnr": per_sample.mean(1).max().item(), "ssim": ssims.mean().item(),
+                   "best_of_k_psnr": per_sample.mean(1).max().item(), "ssim": ssims.mean().item() if with_ssim else None,
                    "copy_first_psnr": copy.mean().item(), "psnr_per_frame": per_sample.mean(0).tolist(),
                    "copy_first_per_frame": copy.tolist()}
             results["sequences"].append(row)
             curves[f"seq {seq['name']}"] = row["psnr_per_frame"]
             best = f"{row['best_of_k_psnr']:9.3f}" if K > 1 else " " * 9
-            print(f"{seq['name']:>6} | {row['psnr']:7.3f} | {best} | {row['ssim']:6.4f} | {row['copy_first_psnr']:7.3f}")
+            print(f"{seq['name']:>6} | {row['psnr']:7.3f} | {best} | {fmt_ssim(row['ssim'])} | {row['copy_first_psnr']:7.3f}")
         for key in ("psnr", "best_of_k_psnr", "ssim", "copy_first_psnr"):
-            results[key] = float(np.mean([r[key] for r in results["sequences"]]))
+            results[key] = float(np.mean([r[key] for r in results["sequences"]])) if with_ssim or key != "ssim" else None
         best = f"{results['best_of_k_psnr']:9.3f}" if K > 1 else " " * 9
-        print(f"{'avg':>6} | {results['psnr']:7.3f} | {best} | {results['ssim']:6.4f} | {results['copy_first_psnr']:7.3f}")
+        print(f"{'avg':>6} | {results['psnr']:7.3f} | {best} | {fmt_ssim(results['ssim'])} | {results['copy_first_psnr']:7.3f}")
+        if not with_ssim:
+            print(f"(SSIM needs frames of at least {SSIM_WINDOW} x {SSIM_WINDOW} pixels, its window; these are "
+                  f"{H} x {W}: not computed)")
         # Drift: how much worse the end of the rollouts is than their start. Copy-first's own
         # decline, beside it, is how far the poses move away from the first frame's.
         for key, prefix in (("psnr_per_frame", "psnr"), ("copy_first_per_frame", "copy_first")):

@@ -23,7 +23,10 @@ def drift(curve, n=100):
     return k, c[:k].mean().item(), c[-k:].mean().item()
 
 
-def ssim(pred, target, data_range=1.0, win_size=11, sigma=1.5, k1=0.01, k2=0.03):
+SSIM_WINDOW = 11  # pixels: SSIM's Gaussian window, which smaller frames cannot hold
+
+
+def ssim(pred, target, data_range=1.0, win_size=SSIM_WINDOW, sigma=1.5, k1=0.01, k2=0.03):
     """SSIM of each image (Wang et al. 2004): pred, target (..., C, H, W) -> (...).
 
     Local statistics under an 11x11 Gaussian window (sigma 1.5), population (co)variances, the

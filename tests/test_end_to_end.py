@@ -172,6 +172,19 @@ def test_trainer_keeps_a_lab_checkpoints_activation(run, tmp_path):
     assert loaded.label_transformation[3].negative_slope == 1.0
 
 
+def test_tester_on_frames_too_small_for_ssim(run, tmp_path, capsys):
+    """At 8 x 16 the Tester ended in a traceback (SSIM's 11 x 11 window does not fit) after
+    generating everything, and wrote no results.json."""
+    dr, save = run
+    out = tmp_path / "small"
+    assert Tester.main(["--ckpt_path", str(save / "best.ckpt"), "--DR", str(dr), "--save_root", str(out),
+                        "--test_len", "20", "--no_gif", "--device", "cpu", "--frame_H", "8", "--frame_W", "16"]) == 0
+    assert "SSIM needs frames of at least 11 x 11 pixels" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["ssim"] is None and all(r["ssim"] is None for r in res["sequences"]) and res["psnr"] > 0
+    assert len(_submission(out / "submission.csv")[1]) == 1 + 3 * 8 * 16
+
+
 def test_trainer_test_flag_validates_only(run, capsys):
     dr, save = run
     assert Trainer.main(["--DR", str(dr), "--ckpt_path", str(save / "last.ckpt"), "--test", "--val_vi_len", "20",
