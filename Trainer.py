@@ -323,7 +323,8 @@ def _train(args, d, stop):
         raise refused
     ensure_dataset(args, d)
     cache = not args.no_cache
-    val_set = TrainWindows(args.DR, args.frame_H, args.frame_W, video_len=args.val_vi_len, split="val", cache=cache)
+    val_set = TrainWindows(args.DR, args.frame_H, args.frame_W, video_len=args.val_vi_len, split="val", cache=cache,
+                          workers=args.num_workers)
 
     model = build_model(vars(args))
     ckpt = None
@@ -346,7 +347,7 @@ def _train(args, d, stop):
                   f"raise --num_epoch above {ckpt['epoch']} to train more", flush=True)
         return 0
     train_set = TrainWindows(args.DR, args.frame_H, args.frame_W, video_len=args.train_vi_len,
-                             partial=1.0, split="train", cache=cache)
+                             partial=1.0, split="train", cache=cache, workers=args.num_workers)
     batches = WindowBatches(train_set, args.batch_size, speed.device, args.seed, d.rank, d.world_size,
                             first_from=args.first_frame_from)
     if batches.steps(args.partial * (args.fast_partial if args.fast_train else 1.0)) == 0:

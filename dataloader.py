@@ -143,7 +143,8 @@ def _decode_chunk(job):
 
 
 def read_images(paths, frame_H, frame_W, workers=None):
-    """Decode many images into uint8 (N, 3, H, W), in worker processes when there are many.
+    """Decode many images into uint8 (N, 3, H, W), in worker processes when there are many (at most
+    `workers`, default one per CPU core).
 
     Processes, not threads: Pillow holds the GIL while it inflates a PNG, so threads gave no
     speed-up. On Linux the workers are forked, which costs no re-import of torch; they only run
@@ -203,11 +204,12 @@ def _cache_path(split_dir, stem, frame_H, frame_W):
 
 # ----------------------------------------------------------------------------- readers
 
-def load_frames(img_dir, label_dir, frame_H, frame_W, cache=True):
+def load_frames(img_dir, label_dir, frame_H, frame_W, cache=True, workers=None):
     """All frames of a split folder and their labels: two uint8 tensors (N, 3, H, W).
 
     Labels are matched by file name, frames ordered by the number in the name. With cache, the
-    tensors are kept in <split>/.cache/ and reused while no file, size or mtime changes.
+    tensors are kept in <split>/.cache/ and reused while no file, size or mtime changes. workers:
+    decoding processes (read_images).
     """
     _check_size(frame_H, frame_W)
     img_dir, label_dir = os.path.normpath(_resolve(img_dir)), os.path.normpath(_resolve(label_dir))
@@ -221,8 +223,8 @@ def load_frames(img_dir, label_dir, frame_H, frame_W, cache=True):
         hit = _load_cache(path, fp)
         if hit is not None:
             return hit["frames"], hit["labels"]
-    frames = read_images([os.path.join(img_dir, n) for n in imgs], frame_H, frame_W)
-    labels_t = read_images([os.path.join(label_dir, n) for n in labels], frame_H, frame_W)
+    frames = read_images([os.path.join(img_dir, n) for n in imgs], frame_H, frame_W, workers)
+    labels_t = read_images([os.path.join(label_dir, n) for n in labels], frame_H, frame_W, workers)
     if cache:
         _save_cache(path, dict(format=CACHE_FORMAT, fingerprint=fp, frames=frames,
                                labels=labels_t, count=len(imgs)))
@@ -291,7 +293,7 @@ class TrainWindows(torch.utils.data.Dataset):
     """
 
     def __init__(self, root, frame_H=32, frame_W=64, video_len=16, partial=1.0, split="train",
-                 cache=True):
+                 cache=True, workers=None):
         if not 0 < float(partial) <= 1:
             raise DataError(f"partial must be in (0, 1], got {partial}")
         if int(video_len) < 1:
@@ -300,7 +302,7 @@ class TrainWindows(torch.utils.data.Dataset):
         split_dir = _split_dir(root, split, f"{split}_img and {split}/{split}_label")
         img_dir = os.path.join(split_dir, f"{split}_img")
         self.frames, self.labels = load_frames(img_dir, os.path.join(split_dir, f"{split}_label"),
-                                               frame_H, frame_W, cache)
+                                               frame_H, frame_W, cache, workers)
         self.video_len = int(video_len)
         self.video_lengths = video_lengths(split_dir, len(self.frames))
         starts, offset = [], 0
@@ -362,7 +364,7 @@ class TestSequences:
     __test__ = False  # not a pytest test class, whatever its name says
 
 
-    def __init__(self, root, frame_H=32, frame_W=64, test_len=630, cache=True, split="test"):
+    def __init__(self, root, frame_H=32, frame_W=64, test_len=630, cache=True, split="test", workers=None):
         _check_size(frame_H, frame_W)
         root = _root(root)
         split_dir = _split_dir(root, split, "test_img and test_label")
@@ -404,7 +406,7 @@ class TestSequences:
             paths = []
             for _, first, labels, gt in plan:
                 paths += [first] + labels + (gt or [])
-            data = read_images(paths, frame_H, frame_W)
+            data = read_images(paths, frame_H, frame_W, workers)
             self.items, i = [], 0
             for k, _, labels, gt in plan:
                 n_gt = len(gt) if gt else 0

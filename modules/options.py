@@ -29,7 +29,8 @@ def common_parser():
                    help="dataset root in the lab's layout; the default is generated on first use")
     g.add_argument("--save_root", type=str, default=None,
                    help="output folder (Trainer: a new runs/<timestamp>; Tester: <checkpoint folder>/test)")
-    g.add_argument("--num_workers", type=int, default=4, help="processes used to decode the dataset once")
+    g.add_argument("--num_workers", type=int, default=None,
+                   help="processes that decode the dataset's PNGs (once: they are cached); default one per CPU core")
     g.add_argument("--frame_H", type=int, default=32)
     g.add_argument("--frame_W", type=int, default=64)
     g.add_argument("--no_cache", action="store_true", help="do not read or write the decoded-frame cache")
@@ -172,13 +173,18 @@ def tester_parser():
                    help="rollouts per sequence; with ground truth also reports best-of-K (an oracle)")
     p.add_argument("--batch_size", type=int, default=8, help="rollouts generated together")
     p.add_argument("--no_gif", action="store_true", help="skip writing GIFs and strip PNGs")
-    # Accepted so that lab command lines that pass training flags to the Tester still run.
+    # Accepted and ignored, so that the lab's Tester command lines run: its parser is the Trainer's
+    # (every training flag) plus --no_sanity, --test and --make_gif (GIFs are written unless --no_gif).
     for name, kw in (("--lr", dict(type=float)), ("--optim", dict(type=str)), ("--num_epoch", dict(type=int)),
                      ("--per_save", dict(type=int)), ("--partial", dict(type=float)),
-                     ("--train_vi_len", dict(type=int)), ("--val_vi_len", dict(type=int))):
+                     ("--train_vi_len", dict(type=int)), ("--val_vi_len", dict(type=int)),
+                     ("--tfr", dict(type=float)), ("--tfr_sde", dict(type=int)), ("--tfr_d_step", dict(type=float)),
+                     ("--fast_partial", dict(type=float)), ("--fast_train_epoch", dict(type=int)),
+                     ("--kl_anneal_type", dict(type=str)), ("--kl_anneal_cycle", dict(type=int)),
+                     ("--kl_anneal_ratio", dict(type=float))):
         p.add_argument(name, default=None, help=argparse.SUPPRESS, **kw)
-    p.add_argument("--test", action="store_true", help=argparse.SUPPRESS)
-    p.add_argument("--store_visualization", action="store_true", help=argparse.SUPPRESS)
+    for name in ("--test", "--store_visualization", "--no_sanity", "--make_gif", "--fast_train"):
+        p.add_argument(name, action="store_true", help=argparse.SUPPRESS)
     return p
 
 

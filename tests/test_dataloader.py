@@ -315,3 +315,23 @@ def test_messages_are_one_line(tmp_path):
     with pytest.raises(DataError) as e:
         TrainWindows(tmp_path / "x\ny")
     assert "\n" not in str(e.value)
+
+
+def test_num_workers_reaches_the_decoder(tiny_dance, tmp_path, monkeypatch):
+    """--num_workers was read by nothing: decoding always used one process per core."""
+    import Tester
+    asked, real = [], dataloader.read_images
+
+    def spy(paths, frame_H, frame_W, workers=None):
+        asked.append(workers)
+        return real(paths, frame_H, frame_W, workers)
+    monkeypatch.setattr(dataloader, "read_images", spy)
+    TrainWindows(tiny_dance, video_len=4, cache=False, workers=3)
+    TestSequences(tiny_dance, test_len=20, cache=False, workers=2)
+    assert asked == [3, 3, 2]
+    from modules.model import VAE_Model
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"model": VAE_Model(16, 8, 4, 16).state_dict()}, ckpt)
+    assert Tester.main(["--ckpt_path", str(ckpt), "--DR", str(tiny_dance), "--save_root", str(tmp_path / "t"),
+                        "--test_len", "20", "--no_gif", "--no_cache", "--device", "cpu", "--num_workers", "1"]) == 0
+    assert asked[3:] == [1]

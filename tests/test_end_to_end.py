@@ -172,6 +172,22 @@ def test_trainer_keeps_a_lab_checkpoints_activation(run, tmp_path):
     assert loaded.label_transformation[3].negative_slope == 1.0
 
 
+def test_the_labs_tester_command_line_runs(run, tmp_path):
+    """The lab's Tester takes the Trainer's flags and --no_sanity, --test, --make_gif; each was an
+    'unrecognized arguments' error."""
+    dr, save = run
+    out = tmp_path / "lab_cmd"
+    lab = ["--batch_size", "2", "--lr", "0.001", "--optim", "Adam", "--gpu", "1", "--no_sanity", "--test",
+           "--make_gif", "--num_workers", "4", "--num_epoch", "70", "--per_save", "3", "--partial", "1.0",
+           "--train_vi_len", "16", "--val_vi_len", "630", "--frame_H", "32", "--frame_W", "64", "--F_dim", "16",
+           "--L_dim", "8", "--N_dim", "4", "--D_out_dim", "16", "--tfr", "1.0", "--tfr_sde", "10", "--tfr_d_step",
+           "0.1", "--fast_train", "--fast_partial", "0.4", "--fast_train_epoch", "5", "--kl_anneal_type",
+           "Cyclical", "--kl_anneal_cycle", "10", "--kl_anneal_ratio", "1"]
+    assert Tester.main(["--DR", str(dr), "--save_root", str(out), "--ckpt_path", str(save / "best.ckpt"),
+                        "--test_len", "20", "--device", "cpu", *lab]) == 0
+    assert (out / "submission.csv").is_file() and (out / "pred_seq0.gif").is_file()
+
+
 def test_tester_on_frames_too_small_for_ssim(run, tmp_path, capsys):
     """At 8 x 16 the Tester ended in a traceback (SSIM's 11 x 11 window does not fit) after
     generating everything, and wrote no results.json."""
