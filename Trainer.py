@@ -35,6 +35,7 @@ from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_
 from modules.files import atomic_write, outermost_missing, remove_empty_folders, write_json  # noqa: E402
 from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder  # noqa: E402
 from modules.runtime import prepare_model, resolve_speed  # noqa: E402
+from modules.schedules import kl_schedule_note  # noqa: E402
 from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side  # noqa: E402
 
 DEFAULT_DR = "data/dance"
@@ -350,9 +351,12 @@ def _train(args, d, stop):
                              partial=1.0, split="train", cache=cache, workers=args.num_workers)
     batches = WindowBatches(train_set, args.batch_size, speed.device, args.seed, d.rank, d.world_size,
                             first_from=args.first_frame_from)
-    if batches.steps(args.partial * (args.fast_partial if args.fast_train else 1.0)) == 0:
+    flag, fraction = "--partial", args.partial
+    if args.fast_train and args.fast_partial < fraction:
+        flag, fraction = "--fast_partial", args.fast_partial
+    if batches.steps(fraction) == 0:
         raise ConfigError(f"{len(train_set)} training windows of {args.train_vi_len} frames make no batch of "
-                          f"{args.batch_size} x {d.world_size} process(es) at --partial {args.partial}; "
+                          f"{args.batch_size} x {d.world_size} process(es) at {flag} {fraction}; "
                           "lower --batch_size or use more data")
     optimizer = build_optimizer(model, args, speed)
     start_epoch, progress, best_psnr, nan_skipped = 0, None, float("-inf"), 0
@@ -407,6 +411,9 @@ def _train(args, d, stop):
         print(f"Training on {speed.device} ({d.world_size} process(es)), amp={speed.amp}, "
               f"channels_last={speed.channels_last}, compile={speed.compile}; "
               f"{len(train_set)} windows of {args.train_vi_len} frames; writing to {args.save_root}", flush=True)
+        note = kl_schedule_note(args.kl_anneal_type, args.num_epoch, args.kl_anneal_cycle, args.kl_anneal_ratio)
+        if note:
+            print(note, flush=True)
 
     stop.install()
     params = list(model.parameters())

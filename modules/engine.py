@@ -114,7 +114,9 @@ def epoch_settings(epoch, args):
     """beta, teacher-forcing ratio and data fraction of `epoch`: pure functions of the epoch."""
     beta = kl_beta(epoch, args.kl_anneal_type, args.num_epoch, args.kl_anneal_cycle, args.kl_anneal_ratio)
     tfr = teacher_forcing_ratio(epoch, args.tfr, args.tfr_sde, args.tfr_d_step)
-    fraction = args.partial * (args.fast_partial if args.fast_train and epoch < args.fast_train_epoch else 1.0)
+    # The lab's fast training: its first fast_train_epoch epochs use fast_partial of the data instead
+    # of partial.
+    fraction = args.fast_partial if args.fast_train and epoch < args.fast_train_epoch else args.partial
     return beta, tfr, fraction
 
 

@@ -92,7 +92,9 @@ def trainer_parser():
     g.add_argument("--optim", choices=("Adam", "AdamW", "Adamax"), default="Adam")
     g.add_argument("--weight_decay", type=float, default=0.0)
     g.add_argument("--scheduler", choices=SCHEDULERS, default="multistep",
-                   help="multistep (the lab's), step, cosine (with warm-up), none; all per epoch")
+                   help="multistep (the lab's), step, cosine (with warm-up), none; the rate is set at every "
+                        "step: multistep and step change it at epoch boundaries, cosine and its warm-up follow "
+                        "the fractional epoch")
     g.add_argument("--milestones", type=int, nargs="+", default=[2, 5], help="multistep: epochs")
     g.add_argument("--gamma", type=float, default=0.1, help="multistep/step: factor")
     g.add_argument("--step_size", type=int, default=10, help="step: epochs between decays")
@@ -155,9 +157,10 @@ def trainer_parser():
     g.add_argument("--kl_anneal_cycle", type=int, default=10)
     g.add_argument("--kl_anneal_ratio", type=float, default=1.0)
     g = p.add_argument_group("lab's fast training")
-    g.add_argument("--fast_train", action="store_true", help="use fast_partial of the data for the first epochs")
-    g.add_argument("--fast_partial", type=float, default=0.4)
-    g.add_argument("--fast_train_epoch", type=int, default=5)
+    g.add_argument("--fast_train", action="store_true",
+                   help="the first --fast_train_epoch epochs use --fast_partial of the data instead of --partial")
+    g.add_argument("--fast_partial", type=float, default=0.4, help="fraction of the data in the fast epochs")
+    g.add_argument("--fast_train_epoch", type=int, default=5, help="how many epochs are fast")
     return p
 
 

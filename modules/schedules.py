@@ -32,6 +32,19 @@ def kl_beta(epoch, kl_anneal_type, num_epoch, kl_anneal_cycle=10, kl_anneal_rati
     return frange_cycle_linear(num_epoch, n_cycle=cycles, ratio=kl_anneal_ratio)[min(epoch, num_epoch - 1)]
 
 
+def kl_schedule_note(kl_anneal_type, num_epoch, kl_anneal_cycle=10, kl_anneal_ratio=1.0):
+    """A warning when an annealed beta is 0 in every epoch (Cyclical with more cycles than epochs:
+    each cycle starts at 0 and lasts less than an epoch, and beta is set once per epoch), else None."""
+    if kl_anneal_type not in ("Cyclical", "Monotonic") or num_epoch < 1:
+        return None
+    if any(kl_beta(e, kl_anneal_type, num_epoch, kl_anneal_cycle, kl_anneal_ratio) > 0 for e in range(num_epoch)):
+        return None
+    return (f"note: --kl_anneal_type {kl_anneal_type} with --kl_anneal_cycle {kl_anneal_cycle} over --num_epoch "
+            f"{num_epoch} gives beta 0 in every epoch (beta is set once per epoch, and each cycle starts at 0), "
+            "so the KL term is never trained and the prior that validation and testing sample from is not the "
+            "posterior's; use more epochs than cycles, or --kl_anneal_type Full_KL")
+
+
 def teacher_forcing_ratio(epoch, tfr, tfr_sde, tfr_d_step):
     """The lab's schedule: after each finished epoch e (counted from 1) with e >= tfr_sde the ratio
     drops by tfr_d_step, floored at 0. Returns the ratio used during `epoch` (0-based)."""

@@ -3,7 +3,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from modules.schedules import TeacherForcingCoins, kl_beta, lr_factor, teacher_forcing_ratio
+from modules.engine import epoch_settings
+from modules.schedules import (TeacherForcingCoins, kl_beta, kl_schedule_note, lr_factor,
+                               teacher_forcing_ratio)
 
 
 def test_cyclical_lab_defaults():
@@ -62,3 +64,24 @@ def test_lr_schedules():
     assert lr_factor(12.0, a) == pytest.approx(0.01)
     a.scheduler = "none"
     assert lr_factor(50.0, a) == 1.0
+
+
+def test_fast_train_uses_fast_partial_instead_of_partial():
+    """The lab's fast_train trains on fast_partial of the data; it was multiplied by --partial
+    (0.5 and 0.4 gave 0.2)."""
+    a = SimpleNamespace(kl_anneal_type="Full_KL", num_epoch=10, kl_anneal_cycle=10, kl_anneal_ratio=1.0, tfr=1.0,
+                        tfr_sde=10, tfr_d_step=0.1, partial=0.5, fast_train=True, fast_partial=0.4,
+                        fast_train_epoch=3)
+    assert [epoch_settings(e, a)[2] for e in range(5)] == [0.4, 0.4, 0.4, 0.5, 0.5]
+    a.fast_train = False
+    assert epoch_settings(0, a)[2] == 0.5
+
+
+def test_a_kl_schedule_that_never_turns_on_is_told():
+    """10 cycles over 5 epochs: every cycle starts at 0 within an epoch, so beta is 0 throughout."""
+    assert [kl_beta(e, "Cyclical", 5, 10, 1.0) for e in range(5)] == [0.0] * 5
+    assert "beta 0 in every epoch" in kl_schedule_note("Cyclical", 5, 10, 1.0)
+    assert "beta 0 in every epoch" in kl_schedule_note("Monotonic", 1, 1, 1.0)  # a 1-epoch run starts at 0
+    for args in (("Cyclical", 70, 10, 1.0), ("Cyclical", 2, 1, 1.0), ("Monotonic", 5, 10, 1.0), ("Full_KL", 5),
+                 ("None", 5)):
+        assert kl_schedule_note(*args) is None, args
