@@ -121,11 +121,13 @@ def plan_save_root(args):
         args.save_root = os.path.dirname(os.path.abspath(args.ckpt_path))
     elif args.save_root is None:
         args.save_root = new_run_folder()
-    elif not args.overwrite and glob.glob(os.path.join(args.save_root, "*.ckpt")) and not continues_its_folder(args):
+    elif (not args.test and not args.overwrite and glob.glob(os.path.join(args.save_root, "*.ckpt"))
+          and not continues_its_folder(args)):
         # Only a checkpoint's own folder is continued without asking.
         raise ConfigError(f"--save_root {args.save_root} already holds checkpoints: resume it with "
                           f"--resume {args.save_root}, choose another --save_root, or pass --overwrite")
-    writable_folder(args.save_root)
+    if not args.test:  # --test only validates: it writes nothing
+        writable_folder(args.save_root)
 
 
 # What a run writes in its save_root that a later run would mistake for its own (best.ckpt above
@@ -182,7 +184,9 @@ def new_run_folder():
 
 # Flags about this machine or this invocation rather than the run: a resume keeps the current ones.
 NOT_ADOPTED = ("resume", "ckpt_path", "save_root", "overwrite", "test", "device", "gpu", "num_workers",
-               "no_cache", "log_every")
+               "no_cache", "log_every",
+               # speed only (the same function): what suits this machine, auto by default
+               "channels_last", "compile", "cuda_graphs", "malloc_cache")
 
 
 def adopt_run_args(args, argv):

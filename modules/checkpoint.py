@@ -111,8 +111,12 @@ def check_dims(ckpt, args, path):
     found = dims_from_state_dict(ckpt["model"])
     diff = [f"--{k} {getattr(args, k)} (checkpoint: {found[k]})" for k in MODEL_DIMS + ("prior", "first_pose", "warp", "pose_flow")
             if getattr(args, k, found[k]) != found[k]]
+    # Options without weights of their own, as the run that wrote the checkpoint had them.
+    stored = ckpt.get("args") or {}
+    diff += [f"--{k} {getattr(args, k)} (checkpoint: {stored[k]})" for k in ("residual", "condition")
+             if k in stored and hasattr(args, k) and getattr(args, k) != stored[k]]
     if diff:
-        raise CheckpointError(f"{path} was written for other model dims: " + ", ".join(diff)
+        raise CheckpointError(f"{path} was written for another model: " + ", ".join(diff)
                               + "; pass the checkpoint's values or start a new run")
 
 

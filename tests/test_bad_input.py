@@ -182,12 +182,48 @@ def test_bad_checkpoint(trained, tmp_path, capsys, main, kind):
     (["--residual", "--warp"], ["--warp True (checkpoint: False)"]),
     (["--residual", "--warp", "--condition", "first", "--first_pose", "--pose_flow"],
      ["--pose_flow True (checkpoint: False)"]),
+    # No weights tell these two; the checkpoint's arguments do (a run continued with another value
+    # trained a different function from the same weights, silently).
+    (["--residual"], ["--residual True (checkpoint: False)"]),
+    (["--condition", "first"], ["--condition first (checkpoint: previous)"]),
 ])
 def test_checkpoint_for_other_dims_names_the_flag(trained, tmp_path, capsys, flags, named):
     dr, good = trained
     line = error_of(Trainer.main, ["--ckpt_path", good, *flags, "--save_root", tmp_path / "run"], capsys)
-    assert f"{good} was written for other model dims" in line
+    assert f"{good} was written for another model" in line
     assert all(n in line for n in named)
+
+
+def test_test_flag_writes_nothing_anywhere(trained, tmp_path, monkeypatch, capsys):
+    """--test only validates, yet it was refused beside another run's checkpoints and needed a
+    writable folder."""
+    dr, good = trained
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "last.ckpt").write_text("another run's")
+
+    def unwritable(path, flag="--save_root"):
+        raise Trainer.ConfigError(f"{flag} {path} is not writable")
+    monkeypatch.setattr(Trainer, "writable_folder", unwritable)
+    before = sorted(os.listdir(os.path.dirname(good)))
+    for extra in ([], ["--save_root", str(other)]):
+        assert Trainer.main(["--DR", dr, "--ckpt_path", good, "--test", "--val_vi_len", "20", "--device", "cpu",
+                             *extra]) == 0
+        assert "val PSNR" in capsys.readouterr().out
+    assert sorted(os.listdir(os.path.dirname(good))) == before and os.listdir(other) == ["last.ckpt"]
+
+
+def test_a_resume_keeps_this_machines_speed_flags(tmp_path):
+    """A run started with --compile on (a GPU's choice) was resumed with it on any machine; the
+    speed-only flags follow the machine, the run's other flags come back."""
+    from modules.checkpoint import save_checkpoint
+    path = tmp_path / "last.ckpt"
+    save_checkpoint(path, {"model": {}, "args": {"compile": "on", "cuda_graphs": "off", "channels_last": "off",
+                                                 "malloc_cache": "on", "amp": "off", "lr": 0.5}})
+    args = Trainer.trainer_parser().parse_args(["--ckpt_path", str(path)])
+    Trainer.adopt_run_args(args, ["--ckpt_path", str(path)])
+    assert (args.compile, args.cuda_graphs, args.channels_last, args.malloc_cache) == ("auto",) * 4
+    assert (args.amp, args.lr) == ("off", 0.5)
 
 
 def test_checkpoint_whose_optimizer_holds_other_parameters(trained, tmp_path, capsys):
