@@ -423,8 +423,12 @@ def _train(args, d, stop):
     params = list(model.parameters())
     metrics_path = os.path.join(args.save_root, "metrics.jsonl")
     last = os.path.join(args.save_root, "last.ckpt")
-    if d.is_main:
-        trim_metrics(metrics_path, start_epoch)
+    # metrics.jsonl keeps the rows of epochs after start_epoch (a run taken back to an earlier
+    # checkpoint) until this run writes its first row: a run that fails before that leaves the
+    # folder as it found it.
+    trimmed = False
+    # Where a failure before this run's first checkpoint leaves the user: at the checkpoint it started from.
+    started_from = None if args.resume or not args.ckpt_path else args.ckpt_path
     nan_run = 0  # non-finite steps in a row, counted across epoch boundaries
     # The lowest training error of this process, per epoch and per log window (--log_every
     # steps): a window 100x its lowest tells of a divergence within the epoch, the first included.
@@ -448,9 +452,14 @@ def _train(args, d, stop):
                 should_stop=lambda: d.any(stop.requested, speed.device), is_main=d.is_main,
                 all_reduce=d.sum if d.enabled else None, nan_run=nan_run, watch=watch if d.is_main else None)
         except TrainingDiverged as e:
-            kept = (f"the last good checkpoint, {last}, is intact: resume it with a lower --lr "
-                    f"(python Trainer.py --resume {args.save_root} --lr ...)" if os.path.isfile(last)
-                    else "no checkpoint had been written yet")
+            if started_from is not None:
+                kept = (f"this run started from {started_from}, which is intact: start from it again with a lower "
+                        f"--lr (python Trainer.py --ckpt_path {started_from} --lr ...)")
+            elif os.path.isfile(last):
+                kept = (f"the last good checkpoint, {last}, is intact: resume it with a lower --lr "
+                        f"(python Trainer.py --resume {args.save_root} --lr ...)")
+            else:
+                kept = "no checkpoint had been written yet"
             raise TrainingDiverged(f"{e}; {kept}") from None
         except OutOfMemory as e:  # several processes: nothing saved from this epoch
             kept = (f"the last checkpoint, {last}, is intact: resume it with --grad_ckpt or a smaller --batch_size"
@@ -497,6 +506,9 @@ def _train(args, d, stop):
                 best_psnr = val["psnr"]
             # last.ckpt is written last: until it is, a resume redoes the epoch and rewrites the
             # row (see trim_metrics) and the other checkpoints, whatever moment a crash hit.
+            if not trimmed:
+                trim_metrics(metrics_path, epoch)
+                trimmed = True
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
             state = make_state(model, optimizer, args, epoch + 1, None, best_psnr, nan_skipped)
@@ -524,13 +536,18 @@ def _train(args, d, stop):
                     f"{args.val_vi_len} frames on {speed.device}); the epoch is saved in {last}, without its "
                     f"validation. Continue with: python Trainer.py --resume {args.save_root} --val_vi_len "
                     f"{max(2, args.val_vi_len // 2)} (or a larger --val_every). ({val_oom})")
+        started_from = None  # last.ckpt is this run's now
         d.barrier()
     if writer is not None:
         writer.close()
         # best.ckpt is written only for a finite val PSNR (a NaN one never beats -inf).
         best = os.path.join(args.save_root, "best.ckpt")
+        # The Tester reads the data flags from its own command line, not from the checkpoint.
+        same_data = [f"--{k} {getattr(args, k)}" for k in ("DR", "frame_H", "frame_W")
+                     if getattr(args, k) != trainer_parser().get_default(k)]
         print(f"Done. Best val PSNR {best_psnr:.2f} dB. Checkpoints in {args.save_root}; test with:\n"
-              f"  python Tester.py --ckpt_path {best if os.path.isfile(best) else last}", flush=True)
+              f"  python Tester.py --ckpt_path {best if os.path.isfile(best) else last}"
+              + "".join(" " + f for f in same_data), flush=True)
     return 0
 
 

@@ -586,6 +586,23 @@ def test_overwrite_with_another_runs_checkpoint_starts_a_clean_folder(baseline, 
     assert load_checkpoint(str(run / "best.ckpt"))["epoch"] == 2
 
 
+def test_a_run_taken_back_that_fails_leaves_the_folder_as_it_was(baseline, dr, tmp_path, monkeypatch, capsys):
+    """Going back to epoch_1.ckpt dropped the later rows of metrics.jsonl at the start; when the
+    run then failed, last.ckpt was still epoch 3's and the rows were gone, and the message said to
+    resume, which continued epoch 3."""
+    run = tmp_path / "run"
+    shutil.copytree(baseline, run)
+
+    def diverges(*a, **kw):
+        raise Trainer.TrainingDiverged("5 non-finite losses in a row")
+    monkeypatch.setattr(Trainer, "train_one_epoch", diverges)
+    start = str(run / "epoch_1.ckpt")
+    assert Trainer.main(["--ckpt_path", start, "--lr", "0.1"]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert f"this run started from {start}, which is intact" in line and f"--ckpt_path {start} --lr" in line
+    assert rows(str(run)) == rows(baseline) and digests(str(run)) == digests(baseline)
+
+
 def _val_psnr_events(run):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(run), size_guidance={"scalars": 0})
@@ -634,9 +651,11 @@ def test_done_line_names_a_checkpoint_that_exists(dr, tmp_path, monkeypatch, cap
     monkeypatch.setattr(Trainer, "validate", nan_psnr)
     run = str(tmp_path / "run")
     assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "1", "--save_root", run]) == 0
-    command = re.search(r"python Tester.py --ckpt_path (\S+)", capsys.readouterr().out).group(1)
+    found = re.search(r"python Tester.py --ckpt_path (\S+)(.*)", capsys.readouterr().out)
     assert not os.path.exists(os.path.join(run, "best.ckpt"))
-    assert command == os.path.join(run, "last.ckpt")
+    assert found.group(1) == os.path.join(run, "last.ckpt")
+    # The Tester does not read the dataset from the checkpoint: the command names it.
+    assert found.group(2).split() == ["--DR", dr]
 
 
 def test_new_run_folders_never_collide(tmp_path, monkeypatch):
