@@ -1,6 +1,8 @@
 """Run a named grid of experiments: per run, Trainer.py then Tester.py (subprocesses), each run in
 its own save_root under --out. Finished runs are skipped and interrupted ones resumed, so the same
-command can be run again until everything is done.
+command can be run again until everything is done. A run folder made with other settings (grid
+flags, flags after --, --epochs, or a finished run's --minutes) is refused rather than reused; a
+run whose --minutes are spent goes on only when a larger --minutes is given.
 
     python scripts/run_experiments.py --grid report --out runs/report --epochs 30 -- --device cuda --batch_size 32
     python scripts/run_experiments.py --grid report --out runs/cpu --minutes 3 --test_args="--test_len 60" \\
@@ -75,7 +77,8 @@ def to_argv(flags):
 def tester_share(extra):
     """The part of the Trainer's extra flags that the Tester also accepts (with their values)."""
     from modules.options import tester_parser
-    actions = {s: a for a in tester_parser()._actions for s in a.option_strings}
+    # Not the Trainer flags the Tester accepts only to run lab command lines (it ignores them).
+    actions = {s: a for a in tester_parser()._actions for s in a.option_strings if a.help != argparse.SUPPRESS}
     out, i = [], 0
     while i < len(extra):
         tok = extra[i]
@@ -90,10 +93,21 @@ def tester_share(extra):
                     n += 1
             else:
                 n = 1 + (nargs if isinstance(nargs, int) else 1)
-        if name in actions and name not in ("--save_root", "--ckpt_path", "--help", "-h"):
+        # --batch_size means sequences per step to the Trainer, rollouts at once to the Tester.
+        if name in actions and name not in ("--save_root", "--ckpt_path", "--batch_size", "--help", "-h"):
             out += extra[i:i + n]
         i += n
     return out
+
+
+def given_trainer_flags(extra):
+    """The Trainer flags (dests) written in `extra`, abbreviations resolved; unknown ones are left
+    to the Trainer to refuse."""
+    from modules.options import trainer_parser
+    p, unset = trainer_parser(), object()
+    ns = argparse.Namespace(**{k: unset for k in vars(p.parse_args([]))})
+    ns, _ = p.parse_known_args(extra, namespace=ns)
+    return {k for k, v in vars(ns).items() if v is not unset}
 
 
 def read_json(path, default=None):
@@ -209,44 +223,79 @@ def calibrate(grid, out, extra, minutes):
     return max(epochs, 1)
 
 
-def run_one(run, out, num_epoch, extra, test_extra, limit_s, index=0):
+def settings_changed(record, run, extra, num_epoch, minutes):
+    """What differs between a run's record and this invocation ("" when nothing does). num_epoch is
+    None when --epochs was not given (the run keeps the schedule it started with); the budget
+    counts for finished runs only (an unfinished one takes the new budget)."""
+    diff = []
+    if record.get("flags", run.flags) != run.flags:
+        diff.append(f"grid flags {shlex.join(to_argv(record['flags']))}")
+    if record.get("extra", extra) != extra:
+        diff.append(f"flags after -- {shlex.join(record['extra']) or '(none)'}")
+    if num_epoch is not None and record.get("num_epoch", num_epoch) != num_epoch:
+        diff.append(f"--epochs {record['num_epoch']}")
+    if record.get("status") == "done" and record.get("minutes", minutes) != minutes:
+        diff.append(f"--minutes {record['minutes']}" if record["minutes"] else "no --minutes")
+    return ", ".join(diff)
+
+
+def run_one(run, out, num_epoch, extra, test_extra, limit_s, index=0, epochs_given=True):
     """Train (or resume) then test one run. Returns its status: done or failed."""
     save_root = os.path.join(out, run.name)
     os.makedirs(save_root, exist_ok=True)
     record_path = os.path.join(save_root, RUN_FILE)
     record = read_json(record_path, {})
+    minutes = limit_s / 60 if limit_s else None
+    changed = settings_changed(record, run, extra, num_epoch if epochs_given else None, minutes)
+    if changed:
+        # Its results stand for the settings it ran with; reusing or mixing them would mislabel them.
+        print(f"[{run.name}] {save_root} holds this run made with other settings ({changed}): use another "
+              "--out, or delete that folder to run it again with these", file=sys.stderr, flush=True)
+        return "failed"
     if record.get("status") == "done":
         print(f"[{run.name}] done already; skipped", flush=True)
         return "done"
     # index: the run's place in its grid, the order of scripts/plot_report.py's table.
-    record.update(name=run.name, index=index, flags=run.flags, groups=list(run.groups), extra=extra)
+    record.update(name=run.name, index=index, flags=run.flags, groups=list(run.groups), extra=extra, minutes=minutes)
     record.setdefault("num_epoch", num_epoch)  # a resumed run keeps the schedule it started with
     num_epoch = record["num_epoch"]
 
     done = epochs_done(save_root)
     have_ckpt = any(f.endswith(".ckpt") for f in os.listdir(save_root))
-    if record.get("status") != "trained" and not record.get("stopped_by_budget") and done < num_epoch:
+    # Training time already spent counts against the budget: a run stopped by it is not resumed
+    # unless a larger --minutes is given.
+    left = None if limit_s is None else limit_s - record.get("train_s", 0.0)
+    if record.get("status") != "trained" and done < num_epoch and (left is None or left > 1.0):
         record["status"] = "training"
         write_json(record_path, record)
         verb = f"resuming at epoch {done + 1}" if have_ckpt else "training"
         print(f"[{run.name}] {verb}: {num_epoch} epoch(s) " + shlex.join(to_argv(run.flags)), flush=True)
-        left = None if limit_s is None else max(limit_s - record.get("train_s", 0.0), 1.0)  # after a resume
-        rc, wall, stopped = run_logged(trainer_cmd(run, save_root, num_epoch, extra, have_ckpt),
-                                       os.path.join(save_root, "train.log"), limit_s=left)
+        t0 = time.time()
+        try:
+            rc, wall, stopped = run_logged(trainer_cmd(run, save_root, num_epoch, extra, have_ckpt),
+                                           os.path.join(save_root, "train.log"), limit_s=left)
+        except KeyboardInterrupt:
+            record["train_s"] = round(record.get("train_s", 0.0) + time.time() - t0, 1)
+            write_json(record_path, record)
+            raise
         record["train_s"] = round(record.get("train_s", 0.0) + wall, 1)
         if stopped and rc in (0, 143, -signal.SIGTERM):
-            # The budget ran out: the run keeps the epochs it finished and is not resumed later.
-            record["stopped_by_budget"] = True
+            record["stopped_by_budget"] = True  # the run keeps the epochs it finished
         elif rc != 0:
             return fail(run, record, record_path, f"Trainer failed (exit {rc})", os.path.join(save_root, "train.log"))
-    record["status"] = "trained"
     record["epochs_done"] = epochs_done(save_root)
+    if record["epochs_done"] == 0:
+        # Stopped inside its first epoch: nothing validated to test or report.
+        return fail(run, record, record_path, f"no epoch finished within the budget ({record.get('train_s', 0):.0f} s "
+                    "of training): run the same command with a larger --minutes, and the run goes on from where "
+                    "it stopped")
+    record["status"] = "trained"
     write_json(record_path, record)
 
     ckpt = next((os.path.join(save_root, c) for c in ("best.ckpt", "last.ckpt")
                  if os.path.isfile(os.path.join(save_root, c))), None)
     if ckpt is None:
-        return fail(run, record, record_path, "no checkpoint to test (no epoch finished within the budget)")
+        return fail(run, record, record_path, f"no checkpoint in {save_root} to test")
     test_root = os.path.join(save_root, "test")
     cmd = [sys.executable, os.path.join(ROOT, "Tester.py"), "--ckpt_path", ckpt, "--save_root", test_root,
            *tester_share(extra), *test_extra]
@@ -306,6 +355,11 @@ def main(argv=None):
     if (args.epochs is not None and args.epochs < 1) or (args.minutes is not None and args.minutes <= 0):
         parser.error("--epochs and --minutes must be positive")
     grid = GRIDS[args.grid]()
+    clash = sorted(given_trainer_flags(extra) & {k for r in grid for k in r.flags})
+    if clash:
+        parser.error(f"{', '.join('--' + k for k in clash)} after -- would override what the runs of grid "
+                     f"{args.grid} set (see --list), and their names would no longer say what they ran: leave "
+                     "it out")
     if args.only:
         unknown = sorted(set(args.only) - {r.name for r in grid})
         if unknown:
@@ -330,7 +384,8 @@ def main(argv=None):
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         num_epoch = args.epochs or calibrate(grid, out, extra, args.minutes)
-        status = {r.name: run_one(r, out, num_epoch, extra, test_extra, limit_s, i) for i, r in enumerate(grid)}
+        status = {r.name: run_one(r, out, num_epoch, extra, test_extra, limit_s, i, args.epochs is not None)
+                  for i, r in enumerate(grid)}
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -59,6 +59,58 @@ def test_runner_skips_finished_runs(grid, capsys):
     assert (out / "fixed" / "metrics.jsonl").read_text() == before
 
 
+@pytest.mark.parametrize("change, named", [
+    (["--epochs", "3"], "--epochs 2"),
+    (["--", "--lr", "5e-4"], "flags after --"),
+])
+def test_runner_refuses_finished_runs_made_with_other_settings(grid, capsys, change, named):
+    """A rerun with other --epochs or Trainer flags said 'done already; skipped' and reported the
+    old settings' results as the new ones."""
+    out, argv, _ = grid
+    before = (out / "fixed" / "metrics.jsonl").read_text()
+    if change[0] == "--":
+        new = argv + change[1:]
+    else:
+        new = list(argv)
+        new[new.index(change[0]) + 1] = change[1]
+    assert run_experiments.main(new) == 1
+    err = capsys.readouterr().err
+    assert err.count("holds this run made with other settings") == 2 and named in err
+    assert (out / "fixed" / "metrics.jsonl").read_text() == before
+
+
+def test_flags_after_the_separator_may_not_override_the_grid(capsys):
+    """`-- --kl_anneal_type Full_KL` made the run named kl_None train with Full_KL."""
+    with pytest.raises(SystemExit) as e:
+        run_experiments.main(["--grid", "report", "--dry_run", "--", "--kl_anneal_type", "Full_KL", "--tfr", "1",
+                              "--lr", "1e-4"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--kl_anneal_type, --tfr after -- would override what the runs of grid report set" in err
+
+
+def test_a_budget_spent_inside_the_first_epoch(tmp_path, monkeypatch, capsys):
+    """A run stopped by --minutes before its first epoch ended left a checkpoint but no metrics: the
+    runner crashed reading them, on every rerun; a larger --minutes could not continue it."""
+    calls = []
+
+    def stopped_in_epoch_1(cmd, log_path, limit_s=None, **kw):
+        calls.append((cmd, limit_s))
+        save_root = cmd[cmd.index("--resume" if "--resume" in cmd else "--save_root") + 1]
+        open(os.path.join(save_root, "last.ckpt"), "w").close()  # the Trainer's mid-epoch checkpoint
+        return 143, limit_s, True
+    monkeypatch.setattr(run_experiments, "run_logged", stopped_in_epoch_1)
+    run = run_experiments.GRIDS["tiny"]()[0]
+    assert run_experiments.run_one(run, str(tmp_path), 3, [], [], 60.0, epochs_given=False) == "failed"
+    assert "no epoch finished within the budget (60 s of training)" in capsys.readouterr().err
+    # The same budget: nothing left to train, the same answer.
+    assert run_experiments.run_one(run, str(tmp_path), 3, [], [], 60.0, epochs_given=False) == "failed"
+    assert len(calls) == 1 and "larger --minutes" in capsys.readouterr().err
+    # A larger budget continues the run from its checkpoint with what is left of it.
+    run_experiments.run_one(run, str(tmp_path), 3, [], [], 100.0, epochs_given=False)
+    assert "--resume" in calls[1][0] and calls[1][1] == pytest.approx(40.0)
+
+
 def test_plotter_writes_figures_and_table(grid, tmp_path):
     out, _, _ = grid
     report = tmp_path / "report"
@@ -80,8 +132,8 @@ def test_plotter_writes_figures_and_table(grid, tmp_path):
 def test_tester_gets_only_the_flags_it_knows():
     extra = ["--DR", "d", "--device", "cpu", "--milestones", "2", "5", "--kl_anneal_type", "None",
              "--plain", "--batch_size", "8", "--seed=3"]
-    assert run_experiments.tester_share(extra) == ["--DR", "d", "--device", "cpu", "--plain",
-                                                  "--batch_size", "8", "--seed=3"]
+    # --batch_size is sequences per step to the Trainer, rollouts at once to the Tester: not passed.
+    assert run_experiments.tester_share(extra) == ["--DR", "d", "--device", "cpu", "--plain", "--seed=3"]
 
 
 def fake_run(folder, rows, tail=""):
