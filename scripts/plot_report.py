@@ -58,7 +58,9 @@ def tf_label(args):
         return "tfr 0"
     if not all(k in args for k in ("tfr", "tfr_sde", "tfr_d_step")):
         return "?"  # no (readable) args.json
-    return f"tfr {args.get('tfr'):g}, sde {args.get('tfr_sde')}, step {args.get('tfr_d_step'):g}"
+    mode = args.get("tf_mode", "epoch")  # the lab's one coin per epoch, unless said otherwise
+    return (f"tfr {args.get('tfr'):g}, sde {args.get('tfr_sde')}, step {args.get('tfr_d_step'):g}"
+            + ("" if mode == "epoch" else f", per {mode}"))
 
 
 def kl_label(args):
@@ -123,6 +125,15 @@ def save(fig, path):
     return path
 
 
+def coin_off_epochs(run):
+    """The epochs whose coin turned teacher forcing off though the ratio was above 0: the lab flips
+    one coin per epoch. Per step or per frame the ratio is a share of the steps or frames, and no
+    epoch coin decides anything: none."""
+    if run["args"].get("tf_mode", "epoch") != "epoch":
+        return []
+    return [r["epoch"] for r in run["rows"] if r.get("tf_epoch_coin") is False and r.get("tfr", 0) > 0]
+
+
 def schedule_panels(items, key, ylabel, title, path):
     """One panel per run: a schedule (tfr or beta) on the left axis, the train loss on the right."""
     plt = plt_module()
@@ -137,8 +148,7 @@ def schedule_panels(items, key, ylabel, title, path):
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel, color="C0")
         if key == "tfr":
-            # The lab flips one coin per epoch: mark the epochs it turned teacher forcing off.
-            off = [r["epoch"] for r in run["rows"] if r.get("tf_epoch_coin") is False and r.get("tfr", 0) > 0]
+            off = coin_off_epochs(run)
             ax.plot(off, [0.0] * len(off), "x", color="C3", ms=4, label="coin: no TF")
             if off:
                 ax.legend(loc="center left", fontsize=7)

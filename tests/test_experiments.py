@@ -196,3 +196,14 @@ def test_dry_run_needs_no_budget(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and all("--num_epoch N --DR d" in line for line in lines)
     assert not (tmp_path / "o").exists()
+
+
+def test_the_epoch_coin_is_marked_only_when_it_decides():
+    """Per frame, half the frames of epoch 1 were teacher-forced, yet the figure marked it
+    'coin: no TF' from the coin the engine logs in every mode."""
+    rows = [{"epoch": 1, "tfr": 0.5, "tf_epoch_coin": False}, {"epoch": 2, "tfr": 0.0, "tf_epoch_coin": False}]
+    args = {"tfr": 1.0, "tfr_sde": 0, "tfr_d_step": 0.5}
+    assert plot_report.coin_off_epochs({"args": args, "rows": rows}) == [1]
+    assert plot_report.coin_off_epochs({"args": dict(args, tf_mode="frame"), "rows": rows}) == []
+    assert plot_report.tf_label(dict(args, tf_mode="frame")) == "tfr 1, sde 0, step 0.5, per frame"
+    assert plot_report.tf_label(args) == "tfr 1, sde 0, step 0.5"
