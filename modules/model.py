@@ -105,6 +105,12 @@ def warp(img, flow):
 WARP_BLURS = (0, 1, 2, 4)
 
 
+def _autocast_off(t):
+    """A region where t's device computes in the dtypes it is given: autocast would run matrix
+    products and convolutions in bfloat16 even on float32 inputs, where the code documents float32."""
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
 def blur(x, sigma):
     """x (B, C, H, W) convolved with a Gaussian of sigma pixels (edges repeated); sigma 0 returns x."""
     if sigma == 0:
@@ -139,7 +145,8 @@ def warp_error(img, flow, target, layer=None):
         if layer is not None:
             out = out + layer.mask * (warp(x, layer.displacement) - out)
         return out
-    err = sum((moved(blur(img, s)) - blur(target, s)).pow(2).mean(dim=(1, 2, 3)) for s in WARP_BLURS)
+    with _autocast_off(img):
+        err = sum((moved(blur(img, s)) - blur(target, s)).pow(2).mean(dim=(1, 2, 3)) for s in WARP_BLURS)
     return err.sum() / len(WARP_BLURS)
 
 
@@ -151,7 +158,8 @@ def match_error(attn, label, first_label, block=MATCH_BLOCK):
     Its gradient reaches every block of the first pose, however far, which the flow's does not."""
     def blocks(x):
         return F.avg_pool2d(x.to(attn.dtype), block, ceil_mode=True).flatten(2).transpose(1, 2)
-    return (attn @ blocks(first_label) - blocks(label)).pow(2).mean(dim=(1, 2)).sum()
+    with _autocast_off(attn):
+        return (attn @ blocks(first_label) - blocks(label)).pow(2).mean(dim=(1, 2)).sum()
 
 
 def _read_match_block(model, incompatible_keys):
@@ -395,7 +403,8 @@ class VAE_Model(nn.Module):
         y, x = torch.meshgrid(torch.arange(h, device=attn.device, dtype=attn.dtype),
                               torch.arange(w, device=attn.device, dtype=attn.dtype), indexing="ij")
         pos = torch.stack([x.flatten(), y.flatten()], -1)  # (hw, 2) in blocks, x first like a flow
-        return (attn @ pos - pos).transpose(1, 2).unflatten(2, (h, w)) * (block / FLOW_SCALE)
+        with _autocast_off(attn):
+            return (attn @ pos - pos).transpose(1, 2).unflatten(2, (h, w)) * (block / FLOW_SCALE)
 
     def _match_attn(self, label_feat, first_pose_feat):
         """The pose match's attention (B, hw of pose t, hw of the first pose) and (h, w), in at least
@@ -405,7 +414,8 @@ class VAE_Model(nn.Module):
         h, w = q.shape[-2:]
         dtype = torch.promote_types(q.dtype, torch.float32)
         q, k = q.flatten(2).transpose(1, 2).to(dtype), k.flatten(2).to(dtype)  # (B, hw, d), (B, d, hw)
-        return torch.softmax(q @ k / MATCH_DIM ** 0.5, dim=-1), (h, w)
+        with _autocast_off(q):
+            return torch.softmax(q @ k / MATCH_DIM ** 0.5, dim=-1), (h, w)
 
     def _warp_sum(self, prev_img, flow, layer, target, poses):
         """The warp's own loss summed over the rows: warp_error, and with pose_flow's layer the
@@ -460,6 +470,8 @@ class VAE_Model(nn.Module):
             raise ValueError(f"teacher_forcing needs {T - 1} entries, got {len(tf)}")
         if warp_loss and self.flow is None:
             raise ValueError("warp_loss needs a warp model")
+        if recon not in RECONS:
+            raise ValueError(f"recon must be one of {RECONS}, got {recon!r}")
         if grad_ckpt and torch.is_grad_enabled():
             return self._forward_checkpointed(img, label, tf, eps, beta, recon, fast, warp_loss)
         # Labels and the posterior see only ground truth, so they run as one batch in both paths
@@ -588,6 +600,8 @@ class VAE_Model(nn.Module):
         if prev_feat is None:
             prev_feat = self.frame_transformation(prev_img)
         mu, logvar = self.prior_params(prev_feat, label_feat)
+        if z_mode not in Z_MODES:
+            raise ValueError(f"z_mode must be one of {Z_MODES}, got {z_mode!r}")
         if z_mode == "sample":
             z = mu + eps * torch.exp(0.5 * logvar)
         elif z_mode == "prior_mean":

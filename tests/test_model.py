@@ -819,3 +819,34 @@ def test_kl_near_the_prior_is_accurate_and_never_negative():
     for kl in (kl_standard_normal(mu, logvar), kl_gaussians(mu, logvar, mu, torch.zeros_like(logvar))):
         assert kl.min() >= 0
         torch.testing.assert_close(kl.sum().double(), exact.sum(), rtol=1e-5, atol=0)
+
+
+def test_the_pose_match_and_the_warp_loss_stay_float32_under_autocast():
+    """They are documented in at least float32, but autocast ran their matrix products and the
+    loss's blurs in bfloat16 on float32 inputs: the dancer layer's displacement was rounded by up
+    to a quarter of a pixel."""
+    m = jitter(VAE_Model(*TINY, residual=True, condition="first", first_pose=True, warp=True, pose_flow=True))
+    g = torch.Generator().manual_seed(0)
+    lf, fpf = torch.randn(2, TINY[1], 8, 16, generator=g), torch.randn(2, TINY[1], 8, 16, generator=g)
+    img, target = torch.rand(2, 3, 8, 16, generator=g), torch.rand(2, 3, 8, 16, generator=g)
+    flow = torch.randn(2, 2, 8, 16, generator=g)
+    attn, hw = m._match_attn(lf, fpf)
+    layer = DancerLayer(torch.randn(2, 2, 8, 16, generator=g) * 4, torch.rand(2, 1, 8, 16, generator=g), attn)
+    labels = torch.rand(2, 3, 8, 16, generator=g), torch.rand(2, 3, 8, 16, generator=g)
+    plain = (m._displacement(attn, hw, 2), warp_error(img, flow, target, layer), match_error(attn, *labels))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto_attn, _ = m._match_attn(lf, fpf)
+        auto = (m._displacement(attn, hw, 2), warp_error(img, flow, target, layer), match_error(attn, *labels))
+    assert auto_attn.dtype == torch.float32
+    for a, b in zip(auto, plain):
+        assert a.dtype == torch.float32 and torch.equal(a, b)
+
+
+def test_unknown_z_mode_or_recon_is_refused():
+    """generate(z_mode="samples") ran the "zero" rollout and forward(recon="MSE") trained with L1."""
+    m = VAE_Model(*TINY)
+    first, labels = torch.rand(1, 3, 8, 16), torch.rand(1, 3, 3, 8, 16)
+    with pytest.raises(ValueError, match="z_mode must be one of"):
+        m.generate(first, labels, m.sample_noise(1, 3, 8, 16), z_mode="samples")
+    with pytest.raises(ValueError, match="recon must be one of"):
+        m(torch.rand(1, 3, 3, 8, 16), labels, recon="MSE")
