@@ -133,7 +133,6 @@ def run(args, written=None):
     if all(seq["gt"] is not None for seq in seqs):
         print(f"\n{'seq':>6} | {'PSNR':>7} | {'best-of-%d' % K if K > 1 else '':>9} | {'SSIM':>6} | copy-first")
         curves = {}
-        H, W = seqs[0]["gt"].shape[-2:]
         with_ssim = min(H, W) >= SSIM_WINDOW  # its 11 x 11 window must fit in the frame
         for k, seq in enumerate(seqs):
             gt = seq["gt"].float() / 255
