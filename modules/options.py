@@ -288,13 +288,15 @@ def check_tester(args):
     return args
 
 
-def given_flags(make_parser, argv):
+def given_flags(make_parser, argv, known_only=False):
     """The dests of the flags written on the command line `argv` (None: sys.argv[1:]), as opposed
-    to those left at their defaults; abbreviations count (argparse resolves them)."""
+    to those left at their defaults; abbreviations count (argparse resolves them). known_only:
+    flags the parser does not know are passed over instead of refused."""
     p, unset = make_parser(), object()
     # argparse fills in a default only where the namespace lacks the attribute.
     ns = argparse.Namespace(**{k: unset for k in vars(p.parse_args([]))})
-    return {k for k, v in vars(p.parse_args(argv, namespace=ns)).items() if v is not unset}
+    ns = p.parse_known_args(argv, namespace=ns)[0] if known_only else p.parse_args(argv, namespace=ns)
+    return {k for k, v in vars(ns).items() if v is not unset}
 
 
 def writable_folder(path, flag="--save_root"):

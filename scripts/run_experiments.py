@@ -100,16 +100,6 @@ def tester_share(extra):
     return out
 
 
-def given_trainer_flags(extra):
-    """The Trainer flags (dests) written in `extra`, abbreviations resolved; unknown ones are left
-    to the Trainer to refuse."""
-    from modules.options import trainer_parser
-    p, unset = trainer_parser(), object()
-    ns = argparse.Namespace(**{k: unset for k in vars(p.parse_args([]))})
-    ns, _ = p.parse_known_args(extra, namespace=ns)
-    return {k for k, v in vars(ns).items() if v is not unset}
-
-
 def read_json(path, default=None):
     try:
         with open(path) as f:
@@ -355,7 +345,9 @@ def main(argv=None):
     if (args.epochs is not None and args.epochs < 1) or (args.minutes is not None and args.minutes <= 0):
         parser.error("--epochs and --minutes must be positive")
     grid = GRIDS[args.grid]()
-    clash = sorted(given_trainer_flags(extra) & {k for r in grid for k in r.flags})
+    from modules.options import given_flags, trainer_parser
+    # Unknown flags are left to the Trainer to refuse.
+    clash = sorted(given_flags(trainer_parser, extra, known_only=True) & {k for r in grid for k in r.flags})
     if clash:
         parser.error(f"{', '.join('--' + k for k in clash)} after -- would override what the runs of grid "
                      f"{args.grid} set (see --list), and their names would no longer say what they ran: leave "
