@@ -247,8 +247,21 @@ def ensure_dataset(args, d):
     if d.is_main:
         print(f"No complete dataset at {args.DR}: generating the embedded procedural dance dataset there "
               "(once; about a minute on 2 cores).", flush=True)
-        make_dataset(args.DR, overwrite=os.path.exists(args.DR))
+        try:
+            make_dataset(args.DR, overwrite=os.path.exists(args.DR))
+        except OSError as e:  # else reported as a failure to write the run's own folder
+            raise DataError(f"cannot write the embedded dataset to {args.DR} ({e.strerror or e}); "
+                            "run from a writable folder or pass --DR") from None
     d.barrier()
+
+
+def generated_test_len(root):
+    """The test sequences' length recorded by scripts/make_dance_data.py, or None."""
+    try:
+        with open(os.path.join(root, "dataset.json")) as f:
+            return int(json.load(f)["splits"]["test"]["length"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def plain_args(args):
@@ -545,6 +558,9 @@ def _train(args, d, stop):
         # The Tester reads the data flags from its own command line, not from the checkpoint.
         same_data = [f"--{k} {getattr(args, k)}" for k in ("DR", "frame_H", "frame_W")
                      if getattr(args, k) != trainer_parser().get_default(k)]
+        test_len = generated_test_len(args.DR)
+        if test_len not in (None, 630):  # 630: the Tester's default, the lab's
+            same_data.append(f"--test_len {test_len}")
         print(f"Done. Best val PSNR {best_psnr:.2f} dB. Checkpoints in {args.save_root}; test with:\n"
               f"  python Tester.py --ckpt_path {best if os.path.isfile(best) else last}"
               + "".join(" " + f for f in same_data), flush=True)

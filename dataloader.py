@@ -61,6 +61,16 @@ def _resolve(path):
     return path
 
 
+def _entries(folder):
+    """os.scandir's entries, or a DataError naming the folder (not a traceback, nor a message
+    about the run's output folder) when it cannot be read."""
+    try:
+        with os.scandir(folder) as it:
+            return list(it)
+    except OSError as e:
+        raise DataError(f"cannot list {folder} ({e.strerror or e}); check its permissions") from None
+
+
 def _scan(folder, what="frames"):
     """Image files of a folder, ordered by frame number: (names, [(size, mtime_ns)])."""
     folder = _resolve(folder)
@@ -68,13 +78,11 @@ def _scan(folder, what="frames"):
         raise DataError(f"{folder} not found; expected a folder of {what} "
                         "(layout in docs/DATA.md)")
     entries = []
-    with os.scandir(folder) as it:
-        for e in it:
-            if (not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTS)
-                    and e.is_file()):
-                st = e.stat()
-                entries.append((frame_number(os.path.join(folder, e.name)), e.name,
-                                (st.st_size, st.st_mtime_ns)))
+    for e in _entries(folder):
+        if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTS) and e.is_file():
+            st = e.stat()
+            entries.append((frame_number(os.path.join(folder, e.name)), e.name,
+                            (st.st_size, st.st_mtime_ns)))
     if not entries:
         raise DataError(f"{folder} holds no {what} (*.png); fill it or fix the dataset root")
     entries.sort()
@@ -190,11 +198,11 @@ def _load_cache(path, fingerprint):
 
 def _save_cache(path, obj):
     """Write whole or not at all (an interruption leaves no temporary file in .cache); a read-only
-    dataset just goes without a cache."""
+    dataset or a full disk just goes without a cache."""
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         atomic_write(path, lambda tmp: torch.save(obj, tmp))
-    except OSError:
+    except (OSError, RuntimeError):  # torch.save reports a failed open or write as RuntimeError
         pass
 
 
@@ -340,7 +348,7 @@ def _seq_folders(folder):
     folder = _resolve(folder)
     if not os.path.isdir(folder):
         raise DataError(f"{folder} not found; expected one numbered folder per test sequence")
-    names = [e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith(".")]
+    names = [e.name for e in _entries(folder) if e.is_dir() and not e.name.startswith(".")]
     if not names:
         raise DataError(f"{folder} holds no sequence folders (0/, 1/, ...); fill it or fix the "
                         "dataset root")

@@ -453,7 +453,7 @@ class Video:
         img = self.bg.copy()
         # shadow on the floor under the pelvis, smaller while hopping
         sx, sy = xy["pelvis"][0], FLOOR * self.H * SS
-        rx, ry = (0.2 - self.hop[i]) * S, 0.035 * S
+        rx, ry = max((0.2 - self.hop[i]) * S, 1.0), max(0.035 * S, 1.0)  # never an empty box
         box = tuple(int(round(v)) for v in (sx - rx, sy - ry, sx + rx, sy + ry))
         mask = Image.new("L", (box[2] - box[0], box[3] - box[1]), 0)
         ImageDraw.Draw(mask).ellipse([0, 0, mask.width - 1, mask.height - 1], fill=150)
@@ -604,18 +604,21 @@ def _prepare_out(out, overwrite):
         if not ours:
             _fail(f"{out} holds data this generator did not write "
                   f"({', '.join(present)}); choose another --out")
-        for s in present:
-            shutil.rmtree(os.path.join(out, s))
-    if os.path.exists(os.path.join(out, MARKER)):
-        os.remove(os.path.join(out, MARKER))
+    # Marked incomplete before anything is deleted: an interruption from here on leaves a folder
+    # that every reader refuses and that --overwrite replaces.
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, PARTIAL), "w") as f:
         f.write("incomplete dataset written by scripts/make_dance_data.py\n")
+    if os.path.exists(os.path.join(out, MARKER)):
+        os.remove(os.path.join(out, MARKER))
+    for s in present:
+        shutil.rmtree(os.path.join(out, s))
 
 
-def _check(train_frames, val_frames, test_seqs, test_len, height, width, dancers, window,
+def _check(seed, train_frames, val_frames, test_seqs, test_len, height, width, dancers, window,
            train_videos, unseen_seqs, unseen_dancers, motion, speed, turns, travel, background):
     checks = [(height >= 16 and width >= 16, "--height and --width must be at least 16"),
+              (seed >= 0, "--seed must be >= 0"),
               (window >= 1, "--window must be at least 1"),
               (train_frames >= window, f"--train_frames must be at least --window ({window})"),
               (val_frames >= 1, "--val_frames must be at least 1"),
@@ -642,7 +645,7 @@ def plan(seed=0, train_frames=20000, val_frames=630, test_seqs=5, test_len=630, 
          width=256, dancers=8, train_videos=16, window=16, unseen_seqs=2, unseen_dancers=4,
          motion=1.0, speed=1.0, turns=0.15, travel=1.0, background="mixed"):
     """Every video of the dataset: split, folders, dancer, length, seed. Pure function of args."""
-    _check(train_frames, val_frames, test_seqs, test_len, height, width, dancers, window,
+    _check(seed, train_frames, val_frames, test_seqs, test_len, height, width, dancers, window,
            train_videos, unseen_seqs, unseen_dancers, motion, speed, turns, travel, background)
     style = dict(height=height, width=width, motion=motion, speed=speed, turns=turns,
                  travel=travel, background=background)
@@ -801,7 +804,7 @@ def get_args_parser():
     p.add_argument("--unseen_seqs", type=int, default=2,
                    help="extra test sequences of dancers never seen in training (test_unseen/)")
     p.add_argument("--unseen_dancers", type=int, default=4, help="people in test_unseen/")
-    p.add_argument("--motion", type=float, default=1.0, help="joint excursion (0 = standing)")
+    p.add_argument("--motion", type=float, default=1.0, help="joint excursion (0 = limbs still; --travel 0 --turns 0 for no travel or turns)")
     p.add_argument("--speed", type=float, default=1.0, help="tempo multiplier")
     p.add_argument("--turns", type=float, default=0.15,
                    help="share of dance motifs that spin round or show the back")

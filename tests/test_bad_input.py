@@ -289,6 +289,27 @@ def test_trainer_dataset_problem(trained, tmp_path, capsys, how, extra, message)
     assert not (tmp_path / "run").exists()  # the run folder it made is removed again
 
 
+@pytest.mark.parametrize("who, folder", [("Trainer", "val/val_img"), ("Tester", "test/test_label")])
+def test_unreadable_dataset_folder_is_named(trained, tmp_path, monkeypatch, capsys, who, folder):
+    """A folder of the dataset that cannot be listed was reported as a failure to write the run's
+    output ("free space or choose another --save_root")."""
+    dr = broken_copy(trained[0], tmp_path, "intact")
+    locked, real = os.path.join(dr, folder), os.scandir
+
+    def scandir(path="."):
+        if os.path.abspath(path) == os.path.abspath(locked):
+            raise PermissionError(13, "Permission denied", path)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    if who == "Trainer":
+        line = error_of(Trainer.main, [*args_for_trainer(dr), "--no_cache", "--save_root", tmp_path / "run"], capsys)
+    else:
+        line = error_of(Tester.main, [*args_for_tester(dr, trained[1], "--no_cache"),
+                                      "--save_root", tmp_path / "run"], capsys)
+    assert line == f"error: cannot list {locked} (Permission denied); check its permissions"
+
+
 def test_bad_dataset_leaves_no_empty_run_folder(tmp_path, monkeypatch, capsys):
     """The Trainer made the run folder before it read the data: a bad --DR left an empty one."""
     monkeypatch.chdir(tmp_path)

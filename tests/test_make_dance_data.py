@@ -188,6 +188,37 @@ def test_ctrl_c_is_one_line_naming_the_fix(tmp_path, monkeypatch, capsys):
     assert mdd.main(args + ["--overwrite"]) == 0 and mdd.dataset_ready(tmp_path / "o")
 
 
+def test_interrupted_overwrite_leaves_a_dataset_marked_incomplete(tmp_path, monkeypatch, capsys):
+    """--overwrite deleted the old splits before marking the folder incomplete: a Ctrl-C during the
+    deletion left dataset.json beside half the splits, a dataset every reader took as whole."""
+    args = ["--out", str(tmp_path / "o"), "--train_frames", "16", "--val_frames", "4", "--test_seqs", "1",
+            "--test_len", "4", "--height", "32", "--width", "64", "--unseen_seqs", "0", "--quiet"]
+    assert mdd.main(args) == 0
+    real, calls = mdd.shutil.rmtree, []
+
+    def interrupted(path, *a, **kw):
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(mdd.shutil, "rmtree", interrupted)
+    assert mdd.main(args + ["--overwrite"]) == 130
+    assert len(calls) == 2 and not mdd.dataset_ready(tmp_path / "o")
+    assert "is incomplete: run the same command with --overwrite" in capsys.readouterr().err
+    with pytest.raises(dataloader.DataError, match="incomplete"):
+        dataloader.TrainWindows(tmp_path / "o", video_len=4)
+    monkeypatch.undo()
+    assert mdd.main(args + ["--overwrite"]) == 0 and mdd.dataset_ready(tmp_path / "o")
+
+
+def test_negative_seed_is_refused(tmp_path, capsys):
+    """numpy's SeedSequence raised a ValueError traceback for --seed -1."""
+    assert mdd.main(["--out", str(tmp_path / "x"), "--seed", "-1", "--quiet"]) == 2
+    assert capsys.readouterr().err == "error: --seed must be >= 0\n"
+    assert not (tmp_path / "x").exists()
+
+
 def test_preview(tmp_path, capsys):
     out = tmp_path / "strip.png"
     assert mdd.main(["--preview", str(out), "--height", "32", "--width", "64"]) == 0

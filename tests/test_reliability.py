@@ -654,8 +654,9 @@ def test_done_line_names_a_checkpoint_that_exists(dr, tmp_path, monkeypatch, cap
     found = re.search(r"python Tester.py --ckpt_path (\S+)(.*)", capsys.readouterr().out)
     assert not os.path.exists(os.path.join(run, "best.ckpt"))
     assert found.group(1) == os.path.join(run, "last.ckpt")
-    # The Tester does not read the dataset from the checkpoint: the command names it.
-    assert found.group(2).split() == ["--DR", dr]
+    # The Tester does not read the dataset from the checkpoint: the command names it, and the
+    # length of its test sequences (20 here; the Tester's default is the lab's 630).
+    assert found.group(2).split() == ["--DR", dr, "--test_len", "20"]
 
 
 def test_new_run_folders_never_collide(tmp_path, monkeypatch):
