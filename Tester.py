@@ -80,7 +80,7 @@ def run(args, written=None):
     save_root = output_folder(args)
     writable_folder(save_root)
     seqs = TestSequences(args.DR, args.frame_H, args.frame_W, test_len=args.test_len, cache=not args.no_cache,
-                         workers=args.num_workers)
+                         split=args.split, workers=args.num_workers)
     H, W, L, K = args.frame_H, args.frame_W, args.test_len, args.num_samples
     print(f"Generating {len(seqs)} sequence(s) x {K} sample(s) x {L} frames on {speed.device} "
           f"(prior {margs['prior']}, z_mode {args.z_mode}, seed {args.seed})", flush=True)
@@ -174,7 +174,7 @@ def run(args, written=None):
 
 
 def output_folder(args):
-    return args.save_root or os.path.join(os.path.dirname(os.path.abspath(args.ckpt_path)), "test")
+    return args.save_root or os.path.join(os.path.dirname(os.path.abspath(args.ckpt_path)), args.split)
 
 
 def what_was_written(written):

@@ -170,6 +170,9 @@ def tester_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by Trainer.py (or lab code)")
     p.add_argument("--test_len", type=int, default=630, help="frames per test sequence, the first included")
+    p.add_argument("--split", choices=("test", "test_unseen"), default="test",
+                   help="the sequences to generate: test (the lab's), or test_unseen (datasets made by "
+                        "scripts/make_dance_data.py: dancers never seen in training)")
     p.add_argument("--z_mode", choices=("sample", "zero", "prior_mean"), default="sample",
                    help="z from the prior (sample), 0, or the prior's mean")
     p.add_argument("--num_samples", type=int, default=1,

@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -82,6 +83,23 @@ def test_tester_submission_gifs_and_reproducibility(run, tmp_path, capsys):
     copy = np.mean([r["copy_first_per_frame"] for r in res["sequences"]], 0)
     assert np.mean(copy) == pytest.approx(res["copy_first_psnr"])
     assert res["copy_first_last_frames"] == pytest.approx(copy[-9:].mean())
+
+
+def test_tester_on_the_unseen_dancers(run, tmp_path, capsys):
+    """--split test_unseen generates the generated dataset's sequences of dancers never seen in
+    training, into <checkpoint folder>/test_unseen unless --save_root says otherwise."""
+    dr, save = run
+    ckpt = tmp_path / "ckpt" / "best.ckpt"
+    ckpt.parent.mkdir()
+    shutil.copy(save / "best.ckpt", ckpt)
+    assert Tester.main(["--ckpt_path", str(ckpt), "--DR", str(dr), "--split", "test_unseen", "--test_len", "20",
+                        "--no_gif", "--device", "cpu"]) == 0
+    res = json.loads((tmp_path / "ckpt" / "test_unseen" / "results.json").read_text())
+    first = TestSequences(dr, 32, 64, test_len=20, split="test_unseen")[0]["first"]
+    assert len(res["sequences"]) == 1 and res["args"]["split"] == "test_unseen"
+    rows = _submission(tmp_path / "ckpt" / "test_unseen" / "submission.csv")
+    assert len(rows) == 1 + 20 and [int(v) for v in rows[1][1:]] == first.flatten().tolist()
+    assert not (tmp_path / "ckpt" / "test").exists()
 
 
 def test_tester_other_seed_changes_the_samples(run, tmp_path):
