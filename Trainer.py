@@ -386,7 +386,11 @@ def _train(args, d, stop):
                                   "dancer layer); Tester.py still tests it, but training cannot continue "
                                   "from it: start a new run") from None
         start_epoch, progress = ckpt["epoch"], ckpt.get("progress")
-        best_psnr, nan_skipped = ckpt.get("best_psnr", best_psnr), ckpt.get("nan_skipped", 0)
+        nan_skipped = ckpt.get("nan_skipped", 0)
+        # best.ckpt is the best model validated in its folder: a run continued in another folder
+        # writes one at its first validation, whatever the source run's best was.
+        if continues_its_folder(args):
+            best_psnr = ckpt.get("best_psnr", best_psnr)
         if d.world_size == 1:
             set_rng_state(ckpt.get("rng"))
         if d.is_main:

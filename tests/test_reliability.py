@@ -25,7 +25,7 @@ import torch
 
 import Tester
 import Trainer
-from modules.checkpoint import load_checkpoint
+from modules.checkpoint import load_checkpoint, save_checkpoint
 from modules.model import VAE_Model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -584,6 +584,19 @@ def test_overwrite_with_another_runs_checkpoint_starts_a_clean_folder(baseline, 
     assert not (run / "epoch_3.ckpt").exists() and not (run / "epoch_1.ckpt").exists()
     assert [r["epoch"] for r in rows(str(run))] == [2]
     assert load_checkpoint(str(run / "best.ckpt"))["epoch"] == 2
+
+
+def test_a_run_continued_in_another_folder_writes_its_own_best(baseline, dr, tmp_path, capsys):
+    """A run continued from another folder's checkpoint kept the source run's best PSNR: no
+    validation below it wrote best.ckpt, and the folder had none for the Tester."""
+    start = tmp_path / "elsewhere" / "epoch_2.ckpt"
+    start.parent.mkdir()
+    save_checkpoint(start, dict(load_checkpoint(os.path.join(baseline, "epoch_2.ckpt")), best_psnr=99.0))
+    new = tmp_path / "new"
+    assert Trainer.main(["--DR", dr, *RUN, "--num_epoch", "3", "--save_root", str(new), "--ckpt_path", str(start)]) == 0
+    best = load_checkpoint(str(new / "best.ckpt"))
+    assert best["epoch"] == 3 and best["best_psnr"] == rows(str(new))[-1]["val_psnr"] < 99.0
+    assert f"python Tester.py --ckpt_path {new / 'best.ckpt'}" in capsys.readouterr().out
 
 
 def test_a_run_taken_back_that_fails_leaves_the_folder_as_it_was(baseline, dr, tmp_path, monkeypatch, capsys):
