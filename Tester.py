@@ -26,7 +26,8 @@ from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weig
 from modules.files import atomic_write, dump_json, outermost_missing, remove_empty_folders  # noqa: E402
 from modules.engine import OutOfMemory, first_line, is_out_of_memory  # noqa: E402
 from modules.metrics import SSIM_WINDOW, drift, psnr, ssim  # noqa: E402
-from modules.options import ConfigError, check_tester, tester_parser, writable_folder  # noqa: E402
+from modules.options import (TESTER_IGNORED, ConfigError, check_tester, given_flags, tester_parser,  # noqa: E402
+                             writable_folder)
 from modules.runtime import prepare_model, resolve_speed, rollout, to_float  # noqa: E402
 from modules.visualize import save_gif, save_psnr_plot, save_strip  # noqa: E402
 
@@ -59,10 +60,16 @@ def fmt_ssim(value):
     return f"{value:6.4f}" if value is not None else f"{'n/a':>6}"
 
 
-def load_model(path, args):
-    """The checkpoint's model, rebuilt from the dims stored in it (or read off its weights)."""
+def load_model(path, args, given=()):
+    """The checkpoint's model, rebuilt from the dims stored in it (or read off its weights).
+    `given`: the flags on the command line; a model flag among them that the checkpoint contradicts
+    is noted (it takes no effect)."""
     ckpt = load_checkpoint(path)
     margs = model_args(ckpt)
+    for k in TESTER_IGNORED:
+        if k in given and getattr(args, k) != margs.get(k):
+            print(f"note: --{k} {getattr(args, k)} takes no effect: the model is rebuilt from the checkpoint "
+                  f"(--{k} {margs.get(k)})")
     for k in ("frame_H", "frame_W"):
         if margs.get(k) not in (None, getattr(args, k)):
             print(f"note: the checkpoint was trained at --{k} {margs[k]}; testing at {getattr(args, k)}")
@@ -71,11 +78,12 @@ def load_model(path, args):
     return model.eval(), margs
 
 
-def run(args, written=None):
-    """`written` (a list) collects the outputs written, for main()'s line on an interruption."""
+def run(args, written=None, given=()):
+    """`written` (a list) collects the outputs written, for main()'s line on an interruption;
+    `given` the flags on the command line."""
     written = [] if written is None else written
     speed = resolve_speed(args)
-    model, margs = load_model(args.ckpt_path, args)
+    model, margs = load_model(args.ckpt_path, args, given)
     prepare_model(model, speed)
     save_root = output_folder(args)
     writable_folder(save_root)
@@ -193,7 +201,7 @@ def main(argv=None):
         # The folders made for the output are removed again if nothing gets written in them (a
         # bad --DR left an empty test/ beside the checkpoint).
         top = outermost_missing(output_folder(args))
-        return run(args, written)
+        return run(args, written, given_flags(tester_parser, argv))
     except (ConfigError, DataError, CheckpointError, OutOfMemory) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

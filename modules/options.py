@@ -6,6 +6,8 @@ MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
 MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose", "warp", "pose_flow",
                            "lab_activation")
+# Model flags the Tester takes from the checkpoint instead (the frame size it tests at is its own).
+TESTER_IGNORED = tuple(k for k in MODEL_ARGS if k not in ("frame_H", "frame_W"))
 KL_TYPES = ("Cyclical", "Monotonic", "Full_KL", "None")
 TF_MODES = ("epoch", "step", "frame")
 SCHEDULERS = ("multistep", "step", "cosine", "none")
@@ -26,13 +28,13 @@ def common_parser():
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
     g.add_argument("--DR", type=str, default="data/dance",
-                   help="dataset root in the lab's layout; the default is generated on first use")
+                   help="dataset root in the lab's layout (Trainer.py generates the default one on first use)")
     g.add_argument("--save_root", type=str, default=None,
                    help="output folder (Trainer: a new runs/<timestamp>; Tester: <checkpoint folder>/test)")
     g.add_argument("--num_workers", type=int, default=None,
                    help="processes that decode the dataset's PNGs (once: they are cached); default one per CPU core")
-    g.add_argument("--frame_H", type=int, default=32)
-    g.add_argument("--frame_W", type=int, default=64)
+    g.add_argument("--frame_H", type=int, default=32, help="frame height the images are resized to")
+    g.add_argument("--frame_W", type=int, default=64, help="frame width the images are resized to")
     g.add_argument("--no_cache", action="store_true", help="do not read or write the decoded-frame cache")
     g = p.add_argument_group("model")
     g.add_argument("--F_dim", type=int, default=128, help="frame feature channels")
@@ -66,7 +68,7 @@ def common_parser():
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     g.add_argument("--gpu", type=int, default=1,
                    help="accepted for lab scripts and ignored: pick a card with --device cuda:N")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw (weights, data order, z)")
     g.add_argument("--amp", choices=AUTO, default="auto",
                    help="bfloat16 autocast (auto: on for CUDA and for CPUs with bf16 instructions)")
     g.add_argument("--channels_last", choices=AUTO, default="auto", help="NHWC memory format (auto: on)")
@@ -88,9 +90,9 @@ def trainer_parser():
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("training")
     g.add_argument("--batch_size", type=int, default=2, help="sequences per step (per process under torchrun)")
-    g.add_argument("--lr", type=float, default=1e-3)
-    g.add_argument("--optim", choices=("Adam", "AdamW", "Adamax"), default="Adam")
-    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    g.add_argument("--optim", choices=("Adam", "AdamW", "Adamax"), default="Adam", help="optimizer")
+    g.add_argument("--weight_decay", type=float, default=0.0, help="the optimizer's weight decay")
     g.add_argument("--scheduler", choices=SCHEDULERS, default="multistep",
                    help="multistep (the lab's), step, cosine (with warm-up), none; the rate is set at every "
                         "step: multistep and step change it at epoch boundaries, cosine and its warm-up follow "
@@ -111,11 +113,11 @@ def trainer_parser():
                         "--pose_flow also the match's error (the first "
                         "pose's colours read through the match against pose t's), which trains the match to "
                         "find each limb (0, the default, trains the flow through the frame only; docs/RESULTS.md)")
-    g.add_argument("--num_epoch", type=int, default=70)
+    g.add_argument("--num_epoch", type=int, default=70, help="epochs to train")
     g.add_argument("--per_save", type=int, default=3, help="keep a checkpoint every this many epochs")
     g.add_argument("--partial", type=float, default=1.0, help="fraction of the training data used")
-    g.add_argument("--train_vi_len", type=int, default=16)
-    g.add_argument("--val_vi_len", type=int, default=630)
+    g.add_argument("--train_vi_len", type=int, default=16, help="frames per training window")
+    g.add_argument("--val_vi_len", type=int, default=630, help="frames of each validation rollout")
     g.add_argument("--val_every", type=int, default=1, help="validate every this many epochs")
     g.add_argument("--test", action="store_true", help="only validate the checkpoint given by --ckpt_path")
     g.add_argument("--store_visualization", action="store_true",
@@ -153,9 +155,12 @@ def trainer_parser():
                         "first, or a random frame of the same video (gaps as long as a test "
                         "sequence's, not only train_vi_len - 1)")
     g = p.add_argument_group("KL annealing")
-    g.add_argument("--kl_anneal_type", choices=KL_TYPES, default="Cyclical")
-    g.add_argument("--kl_anneal_cycle", type=int, default=10)
-    g.add_argument("--kl_anneal_ratio", type=float, default=1.0)
+    g.add_argument("--kl_anneal_type", choices=KL_TYPES, default="Cyclical",
+                   help="the KL weight beta by epoch: Cyclical (rises from 0 in every cycle), Monotonic (rises "
+                        "once), Full_KL (1 throughout), None (0 throughout)")
+    g.add_argument("--kl_anneal_cycle", type=int, default=10, help="Cyclical: cycles over the run")
+    g.add_argument("--kl_anneal_ratio", type=float, default=1.0,
+                   help="share of each cycle over which beta rises to 1")
     g = p.add_argument_group("lab's fast training")
     g.add_argument("--fast_train", action="store_true",
                    help="the first --fast_train_epoch epochs use --fast_partial of the data instead of --partial")
@@ -191,6 +196,11 @@ def tester_parser():
         p.add_argument(name, default=None, help=argparse.SUPPRESS, **kw)
     for name in ("--test", "--store_visualization", "--no_sanity", "--make_gif", "--fast_train"):
         p.add_argument(name, action="store_true", help=argparse.SUPPRESS)
+    # The model is rebuilt from the checkpoint: the model flags are accepted (lab command lines
+    # pass them) but take no effect, so --help does not list them (Tester.py notes a contradiction).
+    for action in p._actions:
+        if action.dest in TESTER_IGNORED:
+            action.help = argparse.SUPPRESS
     return p
 
 
@@ -297,7 +307,7 @@ def given_flags(make_parser, argv, known_only=False):
     flags the parser does not know are passed over instead of refused."""
     p, unset = make_parser(), object()
     # argparse fills in a default only where the namespace lacks the attribute.
-    ns = argparse.Namespace(**{k: unset for k in vars(p.parse_args([]))})
+    ns = argparse.Namespace(**{a.dest: unset for a in p._actions if a.dest != argparse.SUPPRESS})
     ns = p.parse_known_args(argv, namespace=ns)[0] if known_only else p.parse_args(argv, namespace=ns)
     return {k for k, v in vars(ns).items() if v is not unset}
 

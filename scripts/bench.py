@@ -38,8 +38,12 @@ from modules.runtime import (Speed, keep_freed_memory, peak_memory_growth, prepa
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common_parser()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--batch_size", type=int, default=2)
-    p.add_argument("--train_vi_len", type=int, default=16)
+    # Random data: the data flags are accepted (Trainer command lines pass them) but unused.
+    for action in p._actions:
+        if action.dest in ("DR", "save_root", "num_workers", "no_cache"):
+            action.help = argparse.SUPPRESS
+    p.add_argument("--batch_size", type=int, default=2, help="sequences per training step")
+    p.add_argument("--train_vi_len", type=int, default=16, help="frames per training window")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per path")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (compile, autotuning)")
     p.add_argument("--gen_len", type=int, default=630, help="frames per generated sequence")

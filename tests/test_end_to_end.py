@@ -206,6 +206,25 @@ def test_the_labs_tester_command_line_runs(run, tmp_path):
     assert (out / "submission.csv").is_file() and (out / "pred_seq0.gif").is_file()
 
 
+def test_tester_notes_model_flags_the_checkpoint_contradicts(run, tmp_path, capsys):
+    """The Tester rebuilds the model from the checkpoint: model flags were taken silently and listed
+    in --help as if they chose the model."""
+    dr, save = run
+    common = ["--DR", str(dr), "--ckpt_path", str(save / "best.ckpt"), "--test_len", "20", "--device", "cpu",
+              "--no_gif"]
+    assert Tester.main([*common, "--save_root", str(tmp_path / "a"), "--F_dim", "64", "--residual",
+                        "--L_dim", "8"]) == 0
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: --")]
+    assert notes == ["note: --F_dim 64 takes no effect: the model is rebuilt from the checkpoint (--F_dim 16)",
+                     "note: --residual True takes no effect: the model is rebuilt from the checkpoint "
+                     "(--residual False)"]
+    assert (tmp_path / "a" / "submission.csv").read_bytes() == \
+        (Tester.main([*common, "--save_root", str(tmp_path / "b")]) == 0 and
+         (tmp_path / "b" / "submission.csv").read_bytes())
+    shown = Tester.tester_parser().format_help()
+    assert "--F_dim" not in shown and "--pose_flow" not in shown and "--frame_H" in shown
+
+
 def test_tester_on_frames_too_small_for_ssim(run, tmp_path, capsys):
     """At 8 x 16 the Tester ended in a traceback (SSIM's 11 x 11 window does not fit) after
     generating everything, and wrote no results.json."""
