@@ -231,6 +231,8 @@ def test_posterior_noise_depends_on_the_window_not_the_batch():
     assert both.shape == (2, *shape)
     assert torch.equal(both[1], posterior_noise(torch.tensor([2]), 3, 0, shape, torch.device("cpu"))[0])
     assert not torch.equal(both[1], posterior_noise(torch.tensor([2]), 4, 0, shape, torch.device("cpu"))[0])
+    # Each window, and each frame of a window, draws its own noise.
+    assert not torch.equal(both[0], both[1]) and not torch.equal(both[0, 0], both[0, 1])
 
 
 class _Recorder(torch.nn.Module):

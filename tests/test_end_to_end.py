@@ -12,6 +12,7 @@ import Tester
 import Trainer
 from dataloader import TestSequences
 from modules import VAE_Model
+from helpers import jitter
 
 TINY = ["--F_dim", "16", "--L_dim", "8", "--N_dim", "4", "--D_out_dim", "16", "--device", "cpu"]
 
@@ -144,7 +145,6 @@ def test_lab_format_checkpoint_loads_in_tester(run, tmp_path):
 def test_lab_checkpoint_computes_the_lab_codes_function(tmp_path, prior):
     """Lab code writes nn.LeakyReLU(True) (a slope of 1: no activation) in Label_Encoder and
     Gaussian_Predictor; its checkpoints are rebuilt with it, ours keep the slope of 0.01."""
-    from helpers import jitter
     from modules.checkpoint import load_checkpoint, model_args
     from modules.model import build_model
     sd = jitter(VAE_Model(16, 8, 4, 16, prior=prior)).state_dict()
@@ -304,3 +304,43 @@ def test_default_dataset_made_on_first_use_and_after_an_interrupted_generation(t
     assert calls[-1] == (Trainer.DEFAULT_DR, {"overwrite": True})
     Trainer.ensure_dataset(SimpleNamespace(DR="elsewhere"), Dist())  # never for a user's --DR
     assert len(calls) == 2
+
+
+def test_trainer_takes_the_fast_path_and_its_flags(tiny_dance, tmp_path, monkeypatch):
+    """The Trainer trains on the fast path by default, on the plain one with --plain, and passes
+    --grad_ckpt on: nothing showed that none of them is dropped on the way to the model."""
+    seen, real = [], VAE_Model.forward
+
+    def spy(self, *a, **kw):
+        seen.append((kw.get("fast"), kw.get("grad_ckpt")))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(VAE_Model, "forward", spy)
+    base = ["--DR", str(tiny_dance), "--num_epoch", "1", "--batch_size", "2", "--train_vi_len", "4",
+            "--partial", "0.25", "--val_vi_len", "20", *TINY]
+    for name, extra, want in (("fast", [], (True, False)), ("plain", ["--plain"], (False, False)),
+                              ("ckpt", ["--grad_ckpt"], (True, True))):
+        seen.clear()
+        assert Trainer.main([*base, *extra, "--save_root", str(tmp_path / name)]) == 0
+        assert seen and set(seen) == {want}, name
+
+
+def test_validation_in_batches_scores_as_one_at_a_time(tiny_dance):
+    """Each validation sequence keeps its own noise whichever batch it is generated in."""
+    from types import SimpleNamespace
+
+    from dataloader import TrainWindows
+    from modules.engine import validate
+    from modules.options import trainer_parser
+    from modules.runtime import resolve_speed
+    val = TrainWindows(tiny_dance, video_len=5, split="val")  # 4 sequences of 5 frames
+    assert len(val) == 4
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(16, 8, 4, 16)).eval()  # a decoder that reads z
+    speed = resolve_speed(trainer_parser().parse_args(["--device", "cpu", "--plain"]))
+    one = validate(model, val, SimpleNamespace(seed=0), speed, max_batch=1)
+    three = validate(model, val, SimpleNamespace(seed=0), speed, max_batch=3)
+    assert one["psnr_per_frame"] == pytest.approx(three["psnr_per_frame"], rel=1e-5)
+    assert one["psnr"] == pytest.approx(three["psnr"], rel=1e-5)
+    other = validate(model, val, SimpleNamespace(seed=1), speed, max_batch=3)  # the noise matters
+    assert other["psnr_per_frame"] != pytest.approx(three["psnr_per_frame"], rel=1e-5)

@@ -85,8 +85,12 @@ def test_prior_sampling_shapes_and_modes(prior):
         mean = model.step(first, lab, eps[0], "prior_mean")
         torch.testing.assert_close(model.step(first, lab, -eps[0], "prior_mean"), mean)  # noise ignored
         zero = model.step(first, lab, eps[0], "zero")
+        torch.testing.assert_close(mean, model.decode(prev_feat, lab, mu, first).clamp(0, 1))
+        torch.testing.assert_close(zero, model.decode(prev_feat, lab, torch.zeros_like(mu), first).clamp(0, 1))
         if prior == "fixed":
             torch.testing.assert_close(mean, zero)  # N(0, I): its mean is 0
+        else:
+            assert not torch.allclose(mean, zero)  # a learned prior's mean is not 0
         for mode in ("sample", "zero", "prior_mean"):
             video = model.generate(first, labels, eps, mode)
             assert video.shape == (B, L, 3, H, W)

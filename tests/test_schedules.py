@@ -44,11 +44,12 @@ def test_coins_are_reproducible_and_follow_the_ratio():
     assert [a.draw(15) for _ in range(5)] == [b.draw(15) for _ in range(5)]
     assert all(TeacherForcingCoins(0, e, 1.0).draw(15) is True for e in range(20))
     assert all(TeacherForcingCoins(0, e, 0.0, "step").draw(15) is False for e in range(20))
-    draws = [x for _ in range(200) for x in TeacherForcingCoins(1, 2, 0.3, "frame").draw(15)]
+    frames = TeacherForcingCoins(1, 2, 0.3, "frame")
+    draws = [x for _ in range(200) for x in frames.draw(15)]
+    assert len(draws) == 3000 and 0.27 < sum(draws) / 3000 < 0.33
     coins = TeacherForcingCoins(1, 2, 0.3, "step")
     share = sum(coins.draw(15) for _ in range(4000)) / 4000
     assert 0.27 < share < 0.33
-    assert len(draws) == 3000
 
 
 def test_lr_schedules():
