@@ -245,10 +245,12 @@ def test_trainer_test_flag_validates_only(run, capsys):
     assert "val PSNR" in capsys.readouterr().out
 
 
-def test_bench_json(capsys):
+def test_bench_json(capsys, monkeypatch):
     from scripts import bench
+    real = bench.matmul_tflops  # the roofline's 4096 x 4096 matmul takes seconds on a CPU
+    monkeypatch.setattr(bench, "matmul_tflops", lambda device, dtype: real(device, dtype, n=256))
     assert bench.main(["--device", "cpu", *TINY[:8], "--steps", "1", "--warmup", "1", "--gen_len", "4",
-                       "--gen_seqs", "2", "--rounds", "2", "--json"]) == 0
+                       "--gen_seqs", "2", "--rounds", "2", "--train_vi_len", "4", "--json"]) == 0
     res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("device", "train_frames_per_s", "gen_frames_per_s", "eager_train_frames_per_s",
                 "eager_gen_frames_per_s", "peak_mem_mb", "act_mem_mb_per_sample_frame",
