@@ -30,12 +30,14 @@ fi
 # that are not the lab's (docs/RESULTS.md): every frame is generated from the first frame and its
 # pose (--condition first: no error compounding over the 200 frames), as a change to it
 # (--residual: the untrained model copies the first frame) added to the first frame warped by a
-# predicted flow (--warp: pixels move with their colours), and the model is told the first
-# frame's pose (--first_pose). Training conditions on random frames of the same video
-# (--first_frame_from video), 16 windows of 4 frames per step.
+# predicted flow (--warp: pixels move with their colours), the model is told the first frame's
+# pose (--first_pose), and the dancer is carried to the new pose by matching pose t against the
+# first frame's (--pose_flow, trained by the warp's own loss, --warp_loss 1). Training conditions
+# on random frames of the same video (--first_frame_from video), 16 windows of 4 frames per step.
 TRAIN_FLAGS=(--F_dim 32 --L_dim 16 --N_dim 4 --D_out_dim 32 --residual --condition first
-             --first_frame_from video --first_pose --warp --batch_size 16 --train_vi_len 4 --lr 2e-3
-             --scheduler cosine --kl_anneal_type Full_KL --num_epoch 12 --val_vi_len 200 --per_save 100)
+             --first_frame_from video --first_pose --warp --pose_flow --warp_loss 1 --batch_size 16
+             --train_vi_len 4 --lr 2e-3 --scheduler cosine --kl_anneal_type Full_KL --num_epoch 12
+             --val_vi_len 200 --per_save 100)
 python Trainer.py --DR "$DR" --save_root "$RUN" --overwrite --device cpu "${TRAIN_FLAGS[@]}"
 
 python Tester.py --ckpt_path "$RUN/best.ckpt" --DR "$DR" --test_len "$TEST_LEN" --device cpu \
