@@ -359,7 +359,12 @@ def _seq_folders(folder):
             raise DataError(f"{os.path.join(folder, n)}: sequence folders must be named by a "
                             "number (0, 1, ...); rename or remove it")
         keyed.append((int(digits[-1]), n))
-    return [n for _, n in sorted(keyed)]
+    keyed.sort()
+    for (a, name_a), (b, name_b) in zip(keyed, keyed[1:]):
+        if a == b:  # both would be sequence a, in an order the submission cannot tell apart
+            raise DataError(f"{os.path.join(folder, name_b)} has the same sequence number as "
+                            f"{name_a}; rename or remove one of them")
+    return [n for _, n in keyed]
 
 
 class TestSequences:

@@ -158,6 +158,10 @@ def test_test_sequence_mismatches(tmp_path):
     (tmp_path / "test" / "test_img" / "extra").mkdir()
     with pytest.raises(DataError, match=r"test_img/extra: sequence folders must be named"):
         TestSequences(tmp_path, test_len=3, cache=False)
+    (tmp_path / "test" / "test_img" / "extra").rmdir()
+    shutil.copytree(tmp_path / "test" / "test_img" / "1", tmp_path / "test" / "test_img" / "01")
+    with pytest.raises(DataError, match=r"test_img/1 has the same sequence number as 01"):
+        TestSequences(tmp_path, test_len=3, cache=False)
 
 
 # ----------------------------------------------------------------------------- cache
