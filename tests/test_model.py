@@ -118,15 +118,16 @@ def _loss_and_grads(model, img, lab, tf, eps, fast, grad_ckpt=False, warp_loss=0
     return out, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
-# condition="first" with the learned prior runs in float64: there the first frame's features
-# collect 2 x 5 gradient terms that largely cancel, and float32 summation order alone moves the
-# encoder's gradients by ~3e-5 relative (measured; float64 agrees to 1e-14).
-@pytest.mark.parametrize("prior,residual,condition,dtype", [
-    ("fixed", False, "previous", torch.float32), ("learned", False, "previous", torch.float32),
-    ("fixed", True, "previous", torch.float32), ("fixed", True, "first", torch.float32),
-    ("learned", True, "first", torch.float64)])
+# condition="first" with the learned prior runs in float64 to 1e-10, and in float32 to 1e-4: there
+# the first frame's features collect 2 x 5 gradient terms that largely cancel, and float32
+# summation order alone moves the encoder's gradients by ~3e-5 relative (measured; float64 agrees
+# to 1e-14).
+@pytest.mark.parametrize("prior,residual,condition,dtype,rtol", [
+    ("fixed", False, "previous", torch.float32, 1e-5), ("learned", False, "previous", torch.float32, 1e-5),
+    ("fixed", True, "previous", torch.float32, 1e-5), ("fixed", True, "first", torch.float32, 1e-5),
+    ("learned", True, "first", torch.float64, 1e-10), ("learned", True, "first", torch.float32, 1e-4)])
 @pytest.mark.parametrize("tf", [True, False, "mixed"])
-def test_fast_path_matches_plain(tf, prior, residual, condition, dtype):
+def test_fast_path_matches_plain(tf, prior, residual, condition, dtype, rtol):
     """The batched teacher-forced frames (fast) against the per-frame loop (plain): same loss,
     predictions and gradients, float32 on CPU."""
     torch.manual_seed(0)
@@ -138,7 +139,6 @@ def test_fast_path_matches_plain(tf, prior, residual, condition, dtype):
     tf = [True, False, False, True, True] if tf == "mixed" else tf
     a, ga = _loss_and_grads(model, img, lab, tf, eps, fast=True)
     b, gb = _loss_and_grads(model, img, lab, tf, eps, fast=False)
-    rtol = 1e-5 if dtype == torch.float32 else 1e-10
     torch.testing.assert_close(a["loss"], b["loss"], rtol=rtol, atol=0)
     torch.testing.assert_close(a["pred"], b["pred"], rtol=rtol, atol=rtol / 10)
     _assert_grads_close(ga, gb, rtol, model)
