@@ -69,8 +69,10 @@ python3 scripts/error_regions.py --DR "$DR" --ckpt_path "$CKPT" > "$OUT/regions.
 # in a CUDA graph), then compiled before the capture; and the quality run's model, whose frames
 # are generated in batches (no frame reads another under --condition first).
 step "generation benchmark"
+i=0
 for extra in "" "--compile_gen" "--condition first --residual --first_pose --warp --pose_flow"; do
+    i=$((i + 1))
     python3 scripts/bench.py --device cuda --skip_eager --compile off --batch_size 8 --steps 2 \
-        --warmup 1 --json $extra 2>>"$OUT/bench.err" | tee -a "$OUT/bench.jsonl" || failed $? "$OUT/bench.err"
+        --warmup 1 --json $extra 2>"$OUT/bench$i.err" | tee -a "$OUT/bench.jsonl" || failed $? "$OUT/bench$i.err"
 done
 step "done"
