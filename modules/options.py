@@ -30,7 +30,8 @@ def common_parser():
     g.add_argument("--DR", type=str, default="data/dance",
                    help="dataset root in the lab's layout (Trainer.py generates the default one on first use)")
     g.add_argument("--save_root", type=str, default=None,
-                   help="output folder (Trainer: a new runs/<timestamp>; Tester: <checkpoint folder>/test)")
+                   help="output folder (Trainer: a new runs/<timestamp>; Tester: <checkpoint folder>/test, "
+                        "or /test_unseen with --split test_unseen)")
     g.add_argument("--num_workers", type=int, default=None,
                    help="processes that decode the dataset's PNGs (once: they are cached); default one per CPU core")
     g.add_argument("--frame_H", type=int, default=32, help="frame height the images are resized to")
