@@ -267,13 +267,19 @@ def _split_dir(root, split, inner):
     return d
 
 
-def video_lengths(split_dir, n_frames):
+def video_lengths(split_dir, n_frames, img_dir=None):
     """Lengths of the videos concatenated in a split, from its videos.json when there is one
-    (the generator writes it; windows never cross from one video into the next), else one
-    video of all frames, as the lab's loader assumes."""
+    (the generator writes it; windows never cross from one video into the next), else the runs
+    of consecutive frame numbers in img_dir: one video of all frames, as the lab's loader
+    assumes, unless the numbering skips (frame41 then frame43), where no window may join frames
+    that were not consecutive."""
     path = os.path.join(split_dir, MANIFEST)
     if not os.path.exists(path):
-        return [n_frames]
+        if img_dir is None:
+            return [n_frames]
+        numbers = [frame_number(n) for n in _scan(img_dir)[0]]
+        cuts = [i + 1 for i in range(len(numbers) - 1) if numbers[i + 1] != numbers[i] + 1]
+        return [b - a for a, b in zip([0, *cuts], [*cuts, len(numbers)])]
     try:
         with open(path) as f:
             obj = json.load(f)
@@ -294,7 +300,8 @@ class TrainWindows(torch.utils.data.Dataset):
     """Non-overlapping windows of video_len consecutive frames, inside each video.
 
     Window i is frames[starts[i] : starts[i] + video_len] (as the lab's loader, which cut the
-    split into consecutive windows); with a manifest no window crosses two videos. `partial`
+    split into consecutive windows); with a manifest no window crosses two videos, without one
+    no window crosses a gap in the frame numbers. `partial`
     keeps the first fraction of the windows (the lab's partial / fast_partial). For validation
     use split="val" with video_len=val_vi_len.
     Items: (img, label), each uint8 (video_len, 3, H, W).
@@ -312,7 +319,7 @@ class TrainWindows(torch.utils.data.Dataset):
         self.frames, self.labels = load_frames(img_dir, os.path.join(split_dir, f"{split}_label"),
                                                frame_H, frame_W, cache, workers)
         self.video_len = int(video_len)
-        self.video_lengths = video_lengths(split_dir, len(self.frames))
+        self.video_lengths = video_lengths(split_dir, len(self.frames), img_dir)
         starts, offset = [], 0
         for n in self.video_lengths:
             starts.extend(range(offset, offset + n - self.video_len + 1, self.video_len))

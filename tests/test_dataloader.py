@@ -103,6 +103,15 @@ def test_manifest_keeps_windows_inside_videos(tmp_path):
         TrainWindows(tmp_path, video_len=16, cache=False)
 
 
+def test_windows_do_not_join_frames_across_a_gap_in_the_numbers(tmp_path):
+    """Without a manifest the split was cut into windows in sorted order, so a missing pair
+    (frame20 and its label deleted) put frames 19 and 21 side by side in one window."""
+    _split(tmp_path, "train", 41, names=[f"frame{i}.png" for i in (*range(20), *range(21, 42))])
+    ds = TrainWindows(tmp_path, video_len=16, cache=False)
+    assert ds.video_lengths == [20, 21] and ds.starts.tolist() == [0, 20]  # [0, 16] joined 19 and 21
+    assert ds[1][0][:, 0, 0, 0].tolist() == list(range(20, 36))  # files frame21 ... frame36
+
+
 def test_generated_data_without_manifest_reads_like_lab_data(tiny_dance, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(tiny_dance, root)
