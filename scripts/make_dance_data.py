@@ -766,7 +766,8 @@ def make_dataset(out, seed=0, train_frames=20000, val_frames=630, test_seqs=5, t
 
 
 def make_preview(path, seed=0, height=128, width=256, frames=8, stride=8, dancers=8, **style):
-    """A strip of `frames` frames (every `stride`-th) of training video 0 above their labels."""
+    """A strip of `frames` frames (every `stride`-th) above their labels, from the first training
+    video of a small dataset of `frames * stride`-frame videos (not the default dataset's)."""
     videos, _ = plan(seed=seed, train_frames=16 * frames * stride, height=height, width=width,
                      dancers=dancers, test_seqs=0, **style)
     spec = dict(videos[0]["video"], n_frames=frames * stride)
