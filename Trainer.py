@@ -25,7 +25,7 @@ if QUIET_IMPORT:
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from dataloader import DataError, TrainWindows  # noqa: E402
+from dataloader import GENERATOR_MARKER, DataError, TrainWindows  # noqa: E402
 from modules.model import build_model  # noqa: E402
 from modules import distributed  # noqa: E402
 from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,  # noqa: E402
@@ -258,7 +258,7 @@ def ensure_dataset(args, d):
 def generated_test_len(root):
     """The test sequences' length recorded by scripts/make_dance_data.py, or None."""
     try:
-        with open(os.path.join(root, "dataset.json")) as f:
+        with open(os.path.join(root, GENERATOR_MARKER)) as f:
             return int(json.load(f)["splits"]["test"]["length"])
     except (OSError, ValueError, KeyError, TypeError):
         return None

@@ -277,7 +277,7 @@ def video_lengths(split_dir, n_frames, img_dir=None):
     if not os.path.exists(path):
         if img_dir is None:
             return [n_frames]
-        numbers = [frame_number(n) for n in _scan(img_dir)[0]]
+        numbers = [frame_number(n) for n in list_frames(img_dir)]  # a listing, no decoding
         cuts = [i + 1 for i in range(len(numbers) - 1) if numbers[i + 1] != numbers[i] + 1]
         return [b - a for a, b in zip([0, *cuts], [*cuts, len(numbers)])]
     try:

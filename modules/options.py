@@ -199,10 +199,15 @@ def tester_parser():
         p.add_argument(name, action="store_true", help=argparse.SUPPRESS)
     # The model is rebuilt from the checkpoint: the model flags are accepted (lab command lines
     # pass them) but take no effect, so --help does not list them (Tester.py notes a contradiction).
-    for action in p._actions:
-        if action.dest in TESTER_IGNORED:
-            action.help = argparse.SUPPRESS
+    hide_from_help(p, TESTER_IGNORED)
     return p
+
+
+def hide_from_help(p, dests):
+    """Keep the flags of `dests` accepted by parser p but out of its --help."""
+    for action in p._actions:
+        if action.dest in dests:
+            action.help = argparse.SUPPRESS
 
 
 def _positive(args, names):

@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.model import build_model  # noqa: E402
 from modules.engine import WindowBatches, first_line, is_out_of_memory  # noqa: E402
-from modules.options import ConfigError, check_common, check_model, common_parser  # noqa: E402
+from modules.options import ConfigError, check_common, check_model, common_parser, hide_from_help  # noqa: E402
 from modules.runtime import (Speed, keep_freed_memory, peak_memory_growth, prepare_model, resolve_speed,  # noqa: E402
                             rollout, to_float)
 
@@ -39,9 +39,7 @@ def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], parents=[common_parser()],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # Random data: the data flags are accepted (Trainer command lines pass them) but unused.
-    for action in p._actions:
-        if action.dest in ("DR", "save_root", "num_workers", "no_cache"):
-            action.help = argparse.SUPPRESS
+    hide_from_help(p, ("DR", "save_root", "num_workers", "no_cache"))
     p.add_argument("--batch_size", type=int, default=2, help="sequences per training step")
     p.add_argument("--train_vi_len", type=int, default=16, help="frames per training window")
     p.add_argument("--steps", type=int, default=10, help="timed training steps per path")
