@@ -263,11 +263,15 @@ def make_report(run_dirs, out):
     return written
 
 
-def main(argv=None):
+def get_parser():
     p = argparse.ArgumentParser(description="Write the lab report's figures and results table from run folders.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="save_root folders of Trainer.py runs")
     p.add_argument("--out", default="report", help="folder for the PNGs and results.md")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None):
+    args = get_parser().parse_args(argv)
     try:
         written = make_report(args.run_dirs, args.out)
     except OSError as e:
