@@ -1,10 +1,11 @@
 """The commands in README.md and docs/*.md parse with the current flags.
 
-Every ```bash block, and every inline code span that runs python, is read as a shell would split it (backslash continuations joined, comments
-dropped, `NAME="..."` assignments of the same file expanded); each `python X.py ...` of the
-project's entry points and scripts (also after torchrun, timeout, nohup or environment
-assignments) is parsed by that entry point's own parser, so a renamed or removed flag, or a value
-outside a flag's choices, fails here instead of in a reader's terminal."""
+Every ```bash block, and every inline code span that runs python, is read as a shell would split
+it (backslash continuations joined, comments dropped, `NAME="..."` assignments of the same file
+expanded); each `python X.py ...` of the project's entry points and scripts (also after torchrun,
+timeout, nohup or environment assignments) is parsed by that entry point's own parser, so a
+renamed or removed flag, a value outside a flag's choices, or a variable the file never assigns
+fails here instead of in a reader's terminal."""
 import contextlib
 import glob
 import io
