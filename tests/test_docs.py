@@ -1,4 +1,5 @@
-"""The commands in README.md and docs/*.md parse with the current flags.
+"""The commands in README.md and docs/*.md, and those scripts/quickstart.sh and
+scripts/gpu_check.sh run, parse with the current flags.
 
 Every ```bash block, and every inline code span that runs python, is read as a shell would split
 it (backslash continuations joined, comments dropped, `NAME="..."` assignments of the same file
@@ -12,6 +13,8 @@ import io
 import os
 import re
 import shlex
+import shutil
+import subprocess
 
 import pytest
 
@@ -91,10 +94,11 @@ def test_the_docs_hold_commands_of_every_entry_point():
             "scripts/run_experiments.py", "scripts/plot_report.py"} <= scripts
 
 
-@pytest.mark.parametrize("path", DOCS)
-def test_documented_commands_parse(path):
+def parse_failures(found):
+    """The messages of the commands in `found` ((line, whole, (script, args)) each) that their
+    entry point's parser rejects."""
     failures = []
-    for line, whole, (script, args) in commands(path):
+    for line, whole, (script, args) in found:
         if script == "scripts/run_experiments.py" and "--" in args:  # flags after -- go to the Trainer
             cut = args.index("--")
             checks = [(script, args[:cut]), ("Trainer.py", args[cut + 1:])]
@@ -111,4 +115,52 @@ def test_documented_commands_parse(path):
                 message = err.getvalue().strip().splitlines()[-1]
                 if whole or not re.search("required|expected one argument", message):
                     failures.append(f"{line}\n    {message}")
+    return failures
+
+
+@pytest.mark.parametrize("path", DOCS)
+def test_documented_commands_parse(path):
+    failures = parse_failures(commands(path))
     assert not failures, f"{path}: commands that no longer parse:\n" + "\n".join(failures)
+
+
+# The shell scripts build their commands from arrays, defaults and loops, so bash itself expands
+# them: each script runs in an empty folder with python, python3, timeout and source replaced by
+# functions that record the arguments of every python command instead of running it.
+STUBS = r'''
+python() { [[ "${1:-}" == - || "${1:-}" == -c ]] && return 0; printf '%q ' "$@" >> "$CALLS"; echo >> "$CALLS"; }
+python3() { python "$@"; }
+timeout() { while [[ $# -gt 0 && "$1" != python* ]]; do shift; done; "$@"; }
+source() { :; }
+export -f python python3 timeout source
+bash "$1"
+'''
+SHELL_SCRIPTS = {
+    "scripts/quickstart.sh": {"scripts/make_dance_data.py", "Trainer.py", "Tester.py"},
+    "scripts/gpu_check.sh": {"scripts/make_dance_data.py", "Trainer.py", "Tester.py",
+                             "scripts/error_regions.py", "scripts/bench.py"},
+}
+
+
+def script_commands(script, folder):
+    """(line, True, (script, its arguments)) for each project command the shell script runs."""
+    os.makedirs(folder / "scripts")
+    shutil.copy(os.path.join(ROOT, script), folder / "scripts")
+    calls = folder / "calls"
+    calls.touch()
+    env = {k: v for k, v in os.environ.items() if k not in ("OUT", "DR", "LR", "TRAIN_S")}
+    env["CALLS"] = str(calls)
+    subprocess.run(["bash", "-c", STUBS, "stubs", str(folder / script)], cwd=folder, env=env,
+                   capture_output=True, timeout=60, check=True)
+    for line in calls.read_text().splitlines():
+        found = script_args(shlex.split(line))
+        if found:
+            yield line.strip(), True, found
+
+
+@pytest.mark.parametrize("script", sorted(SHELL_SCRIPTS))
+def test_shell_script_commands_parse(script, tmp_path):
+    found = list(script_commands(script, tmp_path))
+    assert {name for _, _, (name, _) in found} == SHELL_SCRIPTS[script]
+    failures = parse_failures(found)
+    assert not failures, f"{script}: commands that no longer parse:\n" + "\n".join(failures)
