@@ -113,7 +113,7 @@ def check_dims(ckpt, args, path):
             if getattr(args, k, found[k]) != found[k]]
     # Options without weights of their own, as the run that wrote the checkpoint had them.
     stored = ckpt.get("args") or {}
-    diff += [f"--{k} {getattr(args, k)} (checkpoint: {stored[k]})" for k in ("residual", "condition", "clean_plate")
+    diff += [f"--{k} {getattr(args, k)} (checkpoint: {stored[k]})" for k in ("residual", "condition")
              if k in stored and hasattr(args, k) and getattr(args, k) != stored[k]]
     if diff:
         raise CheckpointError(f"{path} was written for another model: " + ", ".join(diff)

@@ -78,42 +78,7 @@ def build_model(a):
     return VAE_Model(a["F_dim"], a["L_dim"], a["N_dim"], a["D_out_dim"], prior=a.get("prior") or "fixed",
                      residual=bool(a.get("residual")), condition=a.get("condition") or "previous",
                      first_pose=bool(a.get("first_pose")), warp=bool(a.get("warp")),
-                     pose_flow=bool(a.get("pose_flow")), clean_plate=bool(a.get("clean_plate")),
-                     lab_activation=bool(a.get("lab_activation")))
-
-
-# clean_plate's dancer region: the first pose's pixels brighter than PLATE_THRESHOLD in any
-# channel, grown by PLATE_GROW pixels. Measured on the default test split at 32 x 64 against the
-# generator's own dancer masks: grown by 2 the region holds every pixel of the first frame's dancer
-# (by 1, 98 %; by 0, 64 %) and half as many again of wall; the wall that a sequence's dancer leaves
-# open then scores 58 dB against the truth, 26.5 dB left as the first frame has it.
-PLATE_GROW = 2
-PLATE_THRESHOLD = 0.1
-
-
-@torch.no_grad()
-def clean_plate(img, pose, grow=PLATE_GROW, threshold=PLATE_THRESHOLD):
-    """The frame without its dancer: img (B, 3, H, W) with the region its pose (B, 3, H, W) covers,
-    grown by `grow` pixels, filled along each row linearly between the nearest pixels outside the
-    region (the nearer one alone at the frame's edge; a row wholly inside keeps img). In img's
-    dtype, computed in at least float32."""
-    B, C, H, W = img.shape
-    dtype = torch.promote_types(img.dtype, torch.float32)
-    region = (pose.to(dtype).amax(1, keepdim=True) > threshold).to(dtype)
-    if grow:
-        region = F.max_pool2d(region, 2 * grow + 1, stride=1, padding=grow)
-    region = region[:, 0] > 0  # (B, H, W)
-    x = torch.arange(W, device=img.device).expand(B, H, W)
-    # The nearest column outside the region at or left of each pixel (-1: none), and right (W: none).
-    left = torch.where(region, -1, x).cummax(-1).values
-    right = torch.where(region, W, x).flip(-1).cummin(-1).values.flip(-1)
-    src = img.to(dtype)
-    lv = src.gather(3, left.clamp(min=0)[:, None].expand(B, C, H, W))
-    rv = src.gather(3, right.clamp(max=W - 1)[:, None].expand(B, C, H, W))
-    t = ((x - left) / (right - left).clamp(min=1)).to(dtype)[:, None]
-    fill = torch.where((left < 0)[:, None], rv, torch.where((right >= W)[:, None], lv, lv + t * (rv - lv)))
-    region = region & ((left >= 0) | (right < W))  # a row wholly inside has nothing to fill from
-    return torch.where(region[:, None], fill, src).to(img.dtype)
+                     pose_flow=bool(a.get("pose_flow")), lab_activation=bool(a.get("lab_activation")))
 
 
 def warp(img, flow):
@@ -171,16 +136,14 @@ def warp_error(img, flow, target, layer=None):
     """The warp's own loss, summed over rows: for each row, the mean over WARP_BLURS of the mean
     squared error between img warped by flow and target, both blurred. At least float32.
     layer, a DancerLayer, blends img moved by its displacement over the warped image by its mask,
-    as the model does. img of 6 channels is a frame and its clean plate (VAE_Model.condition_image):
-    the flow warps the plate, the layer moves the frame."""
+    as the model does."""
     dtype = torch.promote_types(torch.promote_types(img.dtype, flow.dtype), torch.float32)
     img, target = img.to(dtype), target.to(dtype)
 
     def moved(x):
-        frame, wall = (x[:, :3], x[:, 3:]) if x.shape[1] == 6 else (x, x)
-        out = warp(wall, flow)
+        out = warp(x, flow)
         if layer is not None:
-            out = out + layer.mask * (warp(frame, layer.displacement) - out)
+            out = out + layer.mask * (warp(x, layer.displacement) - out)
         return out
     with _autocast_off(img):
         err = sum((moved(blur(img, s)) - blur(target, s)).pow(2).mean(dim=(1, 2, 3)) for s in WARP_BLURS)
@@ -260,19 +223,10 @@ class VAE_Model(nn.Module):
     per pixel which is right. With the warp loss (forward's warp_loss) the match is also trained to
     be a correspondence: the first pose's colours, read through the attention, against pose t's.
     The Generator sees the frame its change is added to: `base_view`, a 1x1 convolution of that
-    frame starting at zero, is added to its input.
-
-    clean_plate=True (not the lab's; needs pose_flow) warps the first frame without its dancer
-    (`clean_plate`: the region of the first pose filled from the wall on either side) by the flow,
-    and lays the dancer layer, moved from the first frame itself, over it. Without it the wall that
-    the dancer leaves open must be pulled over their old place by the flow or painted by the
-    Generator, and a ghost of the first frame's dancer stays (docs/RESULTS.md). No parameter of
-    its own: under condition="first" the image every frame is generated from has 6 channels, the
-    frame and its plate (`condition_image`)."""
+    frame starting at zero, is added to its input."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
-                 condition="previous", first_pose=False, warp=False, pose_flow=False, clean_plate=False,
-                 lab_activation=False):
+                 condition="previous", first_pose=False, warp=False, pose_flow=False, lab_activation=False):
         super().__init__()
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
@@ -286,10 +240,7 @@ class VAE_Model(nn.Module):
         if pose_flow and not (warp and first_pose):
             raise ValueError("pose_flow needs warp=True and first_pose=True (it matches pose t against the "
                              "first frame's pose and adds to the warp's flow)")
-        if clean_plate and not pose_flow:
-            raise ValueError("clean_plate needs pose_flow (the dancer layer carries the dancer over the plate)")
         self.N_dim, self.prior_type, self.residual, self.condition = N_dim, prior, residual, condition
-        self.clean_plate = clean_plate
         self.frame_transformation = RGB_Encoder(3, F_dim)
         self.label_transformation = Label_Encoder(3, L_dim)
         self.Gaussian_Predictor = Gaussian_Predictor(F_dim + L_dim, N_dim)
@@ -382,11 +333,6 @@ class VAE_Model(nn.Module):
         feat = first_feat + self.pose_fusion(first_label_feat)
         return feat if self.flow_coarse is None else torch.cat([feat, first_label_feat], 1)
 
-    def condition_image(self, first, first_label):
-        """The image every frame is generated from under condition="first": the first frame
-        (B, 3, H, W), and with clean_plate its plate after it (B, 6, H, W), from its pose."""
-        return torch.cat([first, clean_plate(first, first_label)], 1) if self.clean_plate else first
-
     def _split(self, prev_feat):
         """Conditioning features -> (frame features, the first pose's features or None)."""
         if self.flow_coarse is None:
@@ -422,9 +368,6 @@ class VAE_Model(nn.Module):
         """decode(), the flow in pixels (None without warp) and pose_flow's DancerLayer (else None)."""
         prev_feat, first_pose_feat = self._split(prev_feat)
         fused = self.Decoder_Fusion(prev_feat, label_feat, z)
-        frame = prev_img
-        if self.clean_plate:  # the flow warps the plate, the dancer layer moves the frame
-            frame, prev_img = prev_img[:, :3], prev_img[:, 3:]
         flow = layer = None
         if self.flow is not None:
             flow = self.flow(fused)
@@ -437,7 +380,7 @@ class VAE_Model(nn.Module):
                 flow = flow + F.interpolate(coarse, size=fused.shape[-2:], mode="bilinear", align_corners=False)
                 match = F.interpolate(match, size=fused.shape[-2:], mode="bilinear", align_corners=False)
                 layer = DancerLayer(match * self.flow_scale, torch.sigmoid(self.dancer_mask(fused)), attn)
-                dancer = warp(frame, layer.displacement)
+                dancer = warp(prev_img, layer.displacement)
             flow = flow * self.flow_scale
             prev_img = warp(prev_img, flow)
             if layer is not None:
@@ -551,8 +494,7 @@ class VAE_Model(nn.Module):
         if fast and (anchored or all(tf)):
             if anchored:
                 prev_feat = cond[:, None].expand(-1, T - 1, *cond.shape[1:])
-                source = self.condition_image(img[:, 0], label[:, 0])
-                prev_img = source[:, None].expand(-1, T - 1, *source.shape[1:])
+                prev_img = img[:, :1].expand(-1, T - 1, *img.shape[2:])
             else:
                 prev_feat, prev_img = frame_feat[:, :-1], img[:, :-1]
             pred, flow, layer = self._decode(_flat(prev_feat), _flat(label_feat), _flat(z), _flat(prev_img))
@@ -564,10 +506,9 @@ class VAE_Model(nn.Module):
             pred = pred.unflatten(0, (B, T - 1))
         else:
             preds, prev_feats, out, warp_sum = [], [], None, 0.0
-            source = self.condition_image(img[:, 0], label[:, 0]) if anchored else None
             for t in range(1, T):
                 if anchored:
-                    prev_img, prev = source, cond
+                    prev_img, prev = img[:, 0], cond
                 elif t == 1 or tf[t - 1]:
                     prev_img = img[:, t - 1]
                     prev = frame_feat[:, t - 1] if fast else self.frame_transformation(prev_img)
@@ -615,13 +556,12 @@ class VAE_Model(nn.Module):
 
         anchored = self.condition == "first"  # every frame from frame 0: teacher forcing is moot
         cond = self.condition_features(frame_feat[:B], first_label_feat) if anchored else None
-        source = self.condition_image(img_tm[:B], label[:, 0]) if anchored else None
         preds, kl, warp_sum = [], 0.0, 0.0
         if fast and (anchored or all(tf)):
             for t in range(1, T):  # one time step (B frames) per recomputed group
                 now, before = slice(t * B, (t + 1) * B), slice((t - 1) * B, t * B)
-                pred, k, w = self._ckpt(self._frame_terms, cond if anchored else frame_feat[before],
-                                        source if anchored else img_tm[before],
+                prev = slice(0, B) if anchored else before
+                pred, k, w = self._ckpt(self._frame_terms, cond if anchored else frame_feat[prev], img_tm[prev],
                                         frame_feat[now], label_feat[before], eps_tm[before],
                                         img_tm[now] if warp_loss else None, (label[:, t], label[:, 0]))
                 preds.append(pred)
@@ -631,7 +571,7 @@ class VAE_Model(nn.Module):
             for t in range(1, T):
                 r = slice((t - 1) * B, t * B)  # rows of frame t-1, and of pose t / eps t
                 if anchored:
-                    prev_img, prev = source, cond
+                    prev_img, prev = img_tm[:B], cond
                 elif t == 1 or tf[t - 1]:
                     prev_img = img_tm[r]
                     prev = frame_feat[r] if fast else self.frame_transformation(prev_img)
@@ -692,9 +632,8 @@ class VAE_Model(nn.Module):
             step_fn = lambda p, lf, e: self.step(p, lf, e, z_mode, prev_feat=feat)  # noqa: E731
         step_fn = step_fn or (lambda p, lf, e: self.step(p, lf, e, z_mode))
         out, prev = [first.float()], first
-        source = self.condition_image(first, labels[:, 0]) if self.clean_plate else first
         for t in range(label_feat.shape[1]):
-            prev = step_fn(source if self.condition == "first" else prev, label_feat[:, t], eps[t])
+            prev = step_fn(first if self.condition == "first" else prev, label_feat[:, t], eps[t])
             out.append(prev.float())
         return torch.stack(out, 1)
 
@@ -714,10 +653,9 @@ class VAE_Model(nn.Module):
         def rep(x, k):  # (B, ...) -> (B * k, ...), sequence-major like label_feat's flattening
             return x[:, None].expand(B, k, *x.shape[1:]).flatten(0, 1)
         out = [first.float()[:, None]]
-        source = self.condition_image(first, first_label)
         for lo in range(0, n, per):
             k = min(per, n - lo)
-            frames = self.step(rep(source, k), label_feat[:, lo:lo + k].flatten(0, 1),
+            frames = self.step(rep(first, k), label_feat[:, lo:lo + k].flatten(0, 1),
                                eps[lo:lo + k].transpose(0, 1).flatten(0, 1), z_mode, prev_feat=rep(feat, k))
             out.append(frames.unflatten(0, (B, k)).float())
         return torch.cat(out, 1)
@@ -733,8 +671,8 @@ class VAE_Model(nn.Module):
                 label_feat = self.label_transformation(labels[b:b + 1, t])
                 feat = None
                 if self.condition == "first":
-                    feat = self.encode_first(first[b:b + 1], labels[b:b + 1, 0])
-                    prev = self.condition_image(first[b:b + 1], labels[b:b + 1, 0])
+                    prev = first[b:b + 1]
+                    feat = self.encode_first(prev, labels[b:b + 1, 0])
                 prev = self.step(prev, label_feat, eps[t - 1, b:b + 1], z_mode, prev_feat=feat)
                 out.append(prev)
             seqs.append(torch.stack(out, 1))

@@ -5,7 +5,7 @@ import os
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
 MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose", "warp", "pose_flow",
-                           "clean_plate", "lab_activation")
+                           "lab_activation")
 # Model flags the Tester takes from the checkpoint instead (the frame size it tests at is its own).
 TESTER_IGNORED = tuple(k for k in MODEL_ARGS if k not in ("frame_H", "frame_W"))
 KL_TYPES = ("Cyclical", "Monotonic", "Full_KL", "None")
@@ -65,11 +65,6 @@ def common_parser():
                         "added to the warp's, and moves the first frame by itself as a second layer, blended "
                         "in by a learned mask, so a dancer tens of pixels from where the first frame has them "
                         "is carried there (use with --warp_loss; docs/RESULTS.md)")
-    g.add_argument("--clean_plate", action="store_true",
-                   help="not the lab's, needs --pose_flow: the flow warps the first frame with its dancer "
-                        "(the first pose's region, grown by 2 pixels) filled in from the wall on either side, "
-                        "and the dancer layer carries the dancer over it, so no ghost of the first frame's "
-                        "dancer stays where they stood (docs/RESULTS.md)")
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     g.add_argument("--gpu", type=int, default=1,
@@ -266,8 +261,6 @@ def check_model(args):
     if args.pose_flow and not (args.warp and args.first_pose):
         raise ConfigError("--pose_flow needs --warp and --first_pose (it matches pose t against the first "
                           "frame's pose and adds to the warp's flow)")
-    if args.clean_plate and not args.pose_flow:
-        raise ConfigError("--clean_plate needs --pose_flow (its dancer layer carries the dancer over the plate)")
     return args
 
 

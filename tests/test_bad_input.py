@@ -79,8 +79,6 @@ def args_for_tester(dr, ckpt, *extra):
     (["--residual", "--warp", "--pose_flow"], "--pose_flow needs --warp and --first_pose"),
     (["--warp_loss", "1"], "--warp_loss needs --warp"),
     (["--residual", "--warp", "--warp_loss", "-1"], "--warp_loss must be >= 0"),
-    (["--residual", "--warp", "--condition", "first", "--first_pose", "--clean_plate"],
-     "--clean_plate needs --pose_flow"),
 ])
 def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
     line = error_of(Trainer.main, [*args_for_trainer(trained[0]), *flags, "--save_root", tmp_path / "run"], capsys)
@@ -184,8 +182,6 @@ def test_bad_checkpoint(trained, tmp_path, capsys, main, kind):
     (["--residual", "--warp"], ["--warp True (checkpoint: False)"]),
     (["--residual", "--warp", "--condition", "first", "--first_pose", "--pose_flow"],
      ["--pose_flow True (checkpoint: False)"]),
-    (["--residual", "--warp", "--condition", "first", "--first_pose", "--pose_flow", "--clean_plate"],
-     ["--pose_flow True (checkpoint: False)", "--clean_plate True (checkpoint: False)"]),
     # No weights tell these two; the checkpoint's arguments do (a run continued with another value
     # trained a different function from the same weights, silently).
     (["--residual"], ["--residual True (checkpoint: False)"]),

@@ -114,12 +114,10 @@ def test_tester_other_seed_changes_the_samples(run, tmp_path):
     assert csvs[0] != csvs[1]
 
 
-@pytest.mark.parametrize("stored", [{"first_pose": True, "warp": True, "pose_flow": True, "clean_plate": True},
-                                    {"first_pose": True, "warp": True, "pose_flow": True}, {}])
+@pytest.mark.parametrize("stored", [{"first_pose": True, "warp": True, "pose_flow": True}, {}])
 def test_tester_rebuilds_the_model_options_from_the_checkpoint(tmp_path, stored):
     """--residual, --condition and --prior come back from the checkpoint's stored arguments;
-    --first_pose, --warp and --pose_flow too, and from the weights where the arguments lack them;
-    --clean_plate, which has no weights, from the arguments only (off when they lack it)."""
+    --first_pose, --warp and --pose_flow too, and from the weights where the arguments lack them."""
     from modules.checkpoint import save_checkpoint
     model = VAE_Model(16, 8, 4, 16, prior="learned", residual=True, condition="first", first_pose=True, warp=True,
                       pose_flow=True)
@@ -131,7 +129,6 @@ def test_tester_rebuilds_the_model_options_from_the_checkpoint(tmp_path, stored)
     loaded, _ = Tester.load_model(str(path), opts)
     assert (loaded.prior_type, loaded.residual, loaded.condition, loaded.pose_fusion is not None,
             loaded.flow is not None, loaded.flow_coarse is not None) == ("learned", True, "first", True, True, True)
-    assert loaded.clean_plate == bool(stored.get("clean_plate"))
 
 
 def test_lab_format_checkpoint_loads_in_tester(run, tmp_path):

@@ -8,8 +8,8 @@ from torch.distributions import Normal, kl_divergence
 
 from modules import VAE_Model
 from modules.checkpoint import load_model_weights
-from modules.model import (FLOW_SCALE, MASK_START, MATCH_BLOCK, WARP_BLURS, DancerLayer, blur, clean_plate,
-                           kl_gaussians, kl_standard_normal, match_error, warp, warp_error)
+from modules.model import (FLOW_SCALE, MASK_START, MATCH_BLOCK, WARP_BLURS, DancerLayer, blur, kl_gaussians,
+                           kl_standard_normal, match_error, warp, warp_error)
 from modules.modules import reparameterize
 from modules.runtime import Speed, make_step_fn, peak_memory_growth, prepare_model, rollout, with_bf16_convs
 
@@ -783,88 +783,6 @@ def test_pose_flow_checkpoints_written_before_the_generator_saw_its_base():
         base = warp(first, flow)
         base = base + layer.mask * (warp(first, layer.displacement) - base)
         assert torch.allclose(pred, base + change, rtol=1e-5, atol=1e-6) == blind
-
-
-def test_clean_plate_fills_the_poses_region_along_rows():
-    """The region: pose pixels above the threshold in any channel, grown by `grow` pixels; inside
-    it each row is the line between the nearest pixels outside, or the nearer one at the frame's
-    edge; outside it, and in a row wholly inside, the frame is unchanged."""
-    torch.manual_seed(0)
-    img, pose = torch.rand(2, 3, 6, 10), torch.zeros(2, 3, 6, 10)
-    pose[0, 1, 2, 4] = 0.5        # -> rows 1-3, columns 3-5 with grow 1
-    pose[0, 2, 5, 8] = 0.05       # under the threshold: no region
-    pose[1, 0, 3, 0] = 1.0        # at the left edge -> rows 2-4, columns 0-1
-    pose[1, 0, 0, :] = 1.0        # a whole row (and the ones it grows into): nothing to fill from
-    out = clean_plate(img, pose, grow=1, threshold=0.1)
-    want = img.clone()
-    for r in (1, 2, 3):
-        for c, t in ((3, 0.25), (4, 0.5), (5, 0.75)):
-            want[0, :, r, c] = img[0, :, r, 2] + t * (img[0, :, r, 6] - img[0, :, r, 2])
-    for r in (2, 3, 4):
-        want[1, :, r, 0:2] = img[1, :, r, 2:3]
-    torch.testing.assert_close(out, want)
-    assert torch.equal(clean_plate(img, pose, grow=0, threshold=0.1)[0, :, 2, 3], img[0, :, 2, 3])
-    assert clean_plate(img.double(), pose).dtype == torch.float64
-
-
-@pytest.mark.parametrize("prior", ["fixed", "learned"])
-def test_clean_plate_model_warps_the_plate_and_every_path_agrees(prior):
-    """clean_plate: no parameter of its own; the flow warps the first frame's plate and the dancer
-    layer moves the frame itself. With the layer off (mask 0) the frame decoded is the plate warped
-    by the flow, with it full on (mask 1) the frame moved by the match, as without clean_plate.
-    Trained (jittered): batched, per-frame and checkpointed training agree, the warp loss
-    included; every rollout agrees."""
-    torch.manual_seed(0)
-    opts = dict(prior=prior, residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)
-    model, without = jitter(VAE_Model(*TINY, **opts, clean_plate=True)), VAE_Model(*TINY, **opts)
-    assert set(model.state_dict()) == set(without.state_dict())
-    without.load_state_dict(model.state_dict())
-    # Sparse poses: about half the first frame in the region, no row wholly inside.
-    img, lab = torch.rand(2, 6, 3, 32, 64), (torch.rand(2, 6, 3, 32, 64) > 0.99).float()
-    eps = torch.randn(2, 5, TINY[2], 32, 64)
-    plate = clean_plate(img[:, 0], lab[:, 0])
-    assert not torch.allclose(plate, img[:, 0])
-    model.eval()
-    without.eval()
-    with torch.no_grad():
-        seen, decode = [], model._decode
-        model._decode = lambda *a: seen.append(a[3]) or decode(*a)
-        model.Generator[-1].weight.zero_()  # no change: the frame decoded is the base itself
-        model.Generator[-1].bias.zero_()
-        without.load_state_dict(model.state_dict())
-        for bias, other in ((float("-inf"), None), (float("inf"), without)):
-            model.dancer_mask.bias.fill_(bias)
-            without.dancer_mask.bias.fill_(bias)
-            pred = model(img, lab, True, eps=eps)["pred"]
-            source = seen.pop()
-            torch.testing.assert_close(source, torch.cat([img[:, 0], plate], 1).repeat_interleave(5, 0))
-            if other is None:  # the plate, warped by the flow
-                z = model.Gaussian_Predictor(model.frame_transformation(img[:, 1:].flatten(0, 1)),
-                                             model.label_transformation(lab[:, 1:].flatten(0, 1)),
-                                             eps.flatten(0, 1))[0]
-                _, flow, _ = decode(model.encode_first(img[:, 0], lab[:, 0]).repeat_interleave(5, 0),
-                                    model.label_transformation(lab[:, 1:].flatten(0, 1)), z, source)
-                torch.testing.assert_close(pred.flatten(0, 1), warp(plate.repeat_interleave(5, 0), flow))
-            else:  # the dancer layer alone: the frame itself moved, as without clean_plate
-                torch.testing.assert_close(pred, other(img, lab, True, eps=eps)["pred"])
-        del model._decode
-    model = jitter(VAE_Model(*TINY, **opts, clean_plate=True))
-    torch.nn.init.normal_(model.Generator[-1].weight, std=0.1)
-    _assert_training_paths_agree(model, img, lab, eps, warp_loss=0.5,
-                                 per_frame_dtype=torch.float64 if prior == "learned" else torch.float32)
-    model.eval()
-    noise = model.sample_noise(2, 6, 32, 64, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        _warp_rollouts_agree(model, img[:, 0], lab, noise)
-    # The warp's own loss of a frame and its plate: the flow warps the plate, the layer moves the frame.
-    x, target, flow, d = img[:, 0], img[:, 1], torch.randn(2, 2, 32, 64), torch.randn(2, 2, 32, 64)
-    pair, attn, mask = torch.cat([x, plate], 1), torch.zeros(()), torch.zeros(2, 1, 32, 64)
-    torch.testing.assert_close(warp_error(pair, flow, target, DancerLayer(d, mask, attn)),
-                               warp_error(plate, flow, target))
-    torch.testing.assert_close(warp_error(pair, flow, target, DancerLayer(d, mask + 1, attn)),
-                               warp_error(x, d, target))
-    with pytest.raises(ValueError, match="clean_plate needs pose_flow"):
-        VAE_Model(*TINY, residual=True, condition="first", first_pose=True, warp=True, clean_plate=True)
 
 
 def test_pose_flow_checkpoints_written_before_the_match_block():
