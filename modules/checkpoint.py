@@ -138,6 +138,11 @@ def load_model_weights(model, ckpt, path):
         # pose_flow written before the Generator saw the frame it changes: a view of zeros.
         w = sd["flow.weight"]
         sd = {**sd, "base_view.weight": w.new_zeros(w.shape[1], 3, 1, 1), "base_view.bias": w.new_zeros(w.shape[1])}
+    if "flow_coarse.0.weight" in sd and "gather_mask.weight" not in sd:
+        # pose_flow written before the gathered layer: its mask zero everywhere, as for the dancer layer.
+        w = sd["flow.weight"]
+        sd = {**sd, "gather_mask.weight": w.new_zeros(1, *w.shape[1:]),
+              "gather_mask.bias": w.new_full((1,), float("-inf"))}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

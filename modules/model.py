@@ -81,6 +81,24 @@ def build_model(a):
                      pose_flow=bool(a.get("pose_flow")), lab_activation=bool(a.get("lab_activation")))
 
 
+def gather(img, attn, block):
+    """img (B, C, H, W) read through pose_flow's match: every block x block block of the result is
+    the attention-weighted mean of img's blocks, pixel for pixel (pixel (i, j) of a block from
+    pixels (i, j) of the blocks it attends to). attn (B, hw, hw) over the blocks in row-major order,
+    as the match pools them (ceil_mode: a frame the block does not divide is padded by repeating its
+    edges, and the result cropped back). In at least float32."""
+    H, W = img.shape[-2:]
+    dtype = torch.promote_types(img.dtype, attn.dtype)
+    img = img.to(dtype)
+    pad_h, pad_w = -H % block, -W % block
+    if pad_h or pad_w:
+        img = F.pad(img, (0, pad_w, 0, pad_h), mode="replicate")
+    patches = F.unfold(img, block, stride=block).transpose(1, 2)  # (B, hw, C * block * block)
+    with _autocast_off(attn):
+        out = F.fold((attn.to(dtype) @ patches).transpose(1, 2), img.shape[-2:], block, stride=block)
+    return out[..., :H, :W]
+
+
 def warp(img, flow):
     """img (B, C, H, W) read at every pixel's position moved by flow (B, 2, H, W), in pixels (x
     right, y down), bilinearly, edges repeated outside the frame. Zero flow returns img. In at
@@ -222,8 +240,12 @@ class VAE_Model(nn.Module):
     pixels from gradients that see a few pixels around where it reads; a blend of two images learns
     per pixel which is right. With the warp loss (forward's warp_loss) the match is also trained to
     be a correspondence: the first pose's colours, read through the attention, against pose t's.
-    The Generator sees the frame its change is added to: `base_view`, a 1x1 convolution of that
-    frame starting at zero, is added to its input."""
+    A third layer reads x_0 through the match's attention instead of moving it (`gather`: each block
+    of frame t is the attention-weighted mean of x_0's blocks), blended in by `gather_mask` as the
+    dancer layer is: where the match is unsure between blocks of one limb, a mean of their colours
+    is still that limb's colour, while a mean of their positions, the dancer layer's displacement,
+    can fall on the wall between them. The Generator sees the frame its change is added to:
+    `base_view`, a 1x1 convolution of that frame starting at zero, is added to its input."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
                  condition="previous", first_pose=False, warp=False, pose_flow=False, lab_activation=False):
@@ -267,9 +289,13 @@ class VAE_Model(nn.Module):
         self.pose_query = nn.Conv2d(L_dim, MATCH_DIM, 1) if pose_flow else None
         self.dancer_mask = nn.Conv2d(D_out_dim, 1, 3, padding=1) if pose_flow else None
         self.base_view = None
+        # pose_flow's third layer, the first frame read through the match (`gather`), blended in
+        # by its own mask, starting as the dancer layer's does.
+        self.gather_mask = nn.Conv2d(D_out_dim, 1, 3, padding=1) if pose_flow else None
         if pose_flow:
-            nn.init.zeros_(self.dancer_mask.weight)
-            nn.init.constant_(self.dancer_mask.bias, MASK_START)
+            for mask in (self.dancer_mask, self.gather_mask):
+                nn.init.zeros_(mask.weight)
+                nn.init.constant_(mask.bias, MASK_START)
             # The frame the Generator's change is added to (warped, the dancer layer blended in),
             # through a 1 x 1 convolution added to the Generator's input, so that the change can
             # correct what the warp and the layer left (ghosts, doubled limbs) instead of guessing
@@ -369,6 +395,7 @@ class VAE_Model(nn.Module):
         prev_feat, first_pose_feat = self._split(prev_feat)
         fused = self.Decoder_Fusion(prev_feat, label_feat, z)
         flow = layer = None
+        first = prev_img
         if self.flow is not None:
             flow = self.flow(fused)
             if self.flow_coarse is not None:
@@ -385,6 +412,8 @@ class VAE_Model(nn.Module):
             prev_img = warp(prev_img, flow)
             if layer is not None:
                 prev_img = prev_img + layer.mask * (dancer - prev_img)
+                gathered = gather(first, attn, self._match_px)
+                prev_img = prev_img + torch.sigmoid(self.gather_mask(fused)) * (gathered - prev_img)
         if self.base_view is not None:  # pose_flow: the Generator sees the frame it changes
             fused = fused + self.base_view(prev_img.to(fused.dtype))
         out = self.Generator(fused)

@@ -8,7 +8,7 @@ from torch.distributions import Normal, kl_divergence
 
 from modules import VAE_Model
 from modules.checkpoint import load_model_weights
-from modules.model import (FLOW_SCALE, MASK_START, MATCH_BLOCK, WARP_BLURS, DancerLayer, blur, kl_gaussians,
+from modules.model import (FLOW_SCALE, MASK_START, MATCH_BLOCK, WARP_BLURS, DancerLayer, blur, gather, kl_gaussians,
                            kl_standard_normal, match_error, warp, warp_error)
 from modules.modules import reparameterize
 from modules.runtime import Speed, make_step_fn, peak_memory_growth, prepare_model, rollout, with_bf16_convs
@@ -523,19 +523,19 @@ def test_warp_starts_as_the_model_without_it_and_every_path_agrees(condition):
 
 @pytest.mark.parametrize("prior", ["fixed", "learned"])
 def test_pose_flow_starts_near_the_model_without_and_every_path_agrees(prior):
-    """pose_flow: five more modules (the pose match's query and key, the coarse flow, the dancer
-    layer's mask, the Generator's view of the frame it changes, starting at zero) and the match's
-    block size; the coarse flow's last layer starts at zero and the mask at sigmoid(MASK_START)
-    everywhere, so with the mask off the untrained model is the one without it, and with it the
-    dancer layer is 1.8 % of the frame. Trained (jittered): batched, per-frame and checkpointed
-    training agree (its gradients included), the rollouts agree, and the coarse flow and the dancer
-    layer move pixels. It works at frame sizes its block does not divide."""
+    """pose_flow: six more modules (the pose match's query and key, the coarse flow, the dancer
+    layer's mask, the gathered layer's mask, the Generator's view of the frame it changes, starting
+    at zero) and the match's block size; the coarse flow's last layer starts at zero and the masks
+    at sigmoid(MASK_START) everywhere, so with the masks off the untrained model is the one without
+    it, and with them each layer is 1.8 % of the frame. Trained (jittered): batched, per-frame and
+    checkpointed training agree (its gradients included), the rollouts agree, and the coarse flow
+    and both layers change the frames. It works at frame sizes its block does not divide."""
     torch.manual_seed(0)
     opts = dict(prior=prior, residual=True, condition="first", first_pose=True, warp=True)
     fresh, without = VAE_Model(*TINY, **opts, pose_flow=True), VAE_Model(*TINY, **opts)
     added = sorted(set(fresh.state_dict()) - set(without.state_dict()))
     assert {k.split(".")[0] for k in added} == {"flow_coarse", "pose_query", "pose_key", "dancer_mask", "match_block",
-                                                 "base_view"}
+                                                 "base_view", "gather_mask"}
     assert torch.all(fresh.base_view.weight == 0) and torch.all(fresh.base_view.bias == 0)
     without.load_state_dict({k: v for k, v in fresh.state_dict().items() if k not in added})
     img, lab = torch.rand(2, 6, 3, 32, 64), torch.rand(2, 6, 3, 32, 64)
@@ -543,9 +543,10 @@ def test_pose_flow_starts_near_the_model_without_and_every_path_agrees(prior):
     with torch.no_grad():
         base = without(img, lab, True, eps=eps)["pred"]
         assert not torch.allclose(fresh(img, lab, True, eps=eps)["pred"], base)
-        assert torch.all(fresh.dancer_mask.weight == 0)
-        torch.testing.assert_close(fresh.dancer_mask.bias, torch.tensor([MASK_START]))
-        fresh.dancer_mask.bias.fill_(float("-inf"))
+        for mask in (fresh.dancer_mask, fresh.gather_mask):
+            assert torch.all(mask.weight == 0)
+            torch.testing.assert_close(mask.bias, torch.tensor([MASK_START]))
+            mask.bias.fill_(float("-inf"))
         torch.testing.assert_close(fresh(img, lab, True, eps=eps)["pred"], base, rtol=0, atol=0)
 
     model = jitter(VAE_Model(*TINY, **opts, pose_flow=True))
@@ -564,7 +565,10 @@ def test_pose_flow_starts_near_the_model_without_and_every_path_agrees(prior):
         no_coarse = model.generate(img[:, 0], lab, noise)
         assert not torch.allclose(loop, no_coarse)  # the coarse flow moved pixels
         model.dancer_mask.bias.fill_(float("-inf"))
-        assert not torch.allclose(no_coarse, model.generate(img[:, 0], lab, noise))  # so did the dancer layer
+        no_dancer = model.generate(img[:, 0], lab, noise)
+        assert not torch.allclose(no_coarse, no_dancer)  # so did the dancer layer
+        model.gather_mask.bias.fill_(float("-inf"))
+        assert not torch.allclose(no_dancer, model.generate(img[:, 0], lab, noise))  # and the gathered layer
     with pytest.raises(ValueError, match="pose_flow needs warp=True and first_pose=True"):
         VAE_Model(*TINY, residual=True, condition="first", warp=True, pose_flow=True)
 
@@ -627,6 +631,36 @@ def test_match_error_reads_the_first_poses_colours_through_the_match(b):
     torch.testing.assert_close(err[0], torch.tensor(empty), rtol=1e-3, atol=0)
     torch.testing.assert_close(err[1] - err[0], torch.tensor(2.0 / (3 * n)), rtol=1e-3, atol=0)
     torch.testing.assert_close(both, err.sum())
+
+
+@pytest.mark.parametrize("size,b", [((32, 64), 2), ((30, 62), 4)])
+def test_gather_reads_blocks_through_the_attention(size, b):
+    """gather: block q of the result is sum_k attn[q, k] * block k of the image, pixel (i, j) from
+    pixel (i, j), the blocks in row-major order (checked against a loop over blocks). One-hot
+    attention copies a block; even attention gives every block the mean of all blocks. A frame
+    the block does not divide is read as padded by repeating its edges, as the match pools it."""
+    torch.manual_seed(0)
+    H, W = size
+    img = torch.rand(2, 3, H, W)
+    h, w = -(-H // b), -(-W // b)
+    attn = torch.softmax(torch.randn(2, h * w, h * w) * 3, -1)
+    padded = F.pad(img, (0, w * b - W, 0, h * b - H), mode="replicate")
+    blocks = [padded[:, :, y * b:(y + 1) * b, x * b:(x + 1) * b] for y in range(h) for x in range(w)]
+    expected = torch.zeros_like(padded)
+    for q in range(h * w):
+        y, x = divmod(q, w)
+        expected[:, :, y * b:(y + 1) * b, x * b:(x + 1) * b] = sum(attn[:, q, k, None, None, None] * blocks[k]
+                                                                   for k in range(h * w))
+    out = gather(img, attn, b)
+    assert out.shape == img.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected[..., :H, :W])
+    one_hot = torch.zeros(2, h * w, h * w)
+    one_hot[:, :, 5] = 1.0  # every block reads block 5: (y, x) = divmod(5, w)
+    y5, x5 = divmod(5, w)
+    torch.testing.assert_close(gather(img, one_hot, b)[:, :, :b, :b], img[:, :, y5 * b:(y5 + 1) * b, x5 * b:(x5 + 1) * b])
+    even = gather(img, torch.full((2, h * w, h * w), 1.0 / (h * w)), b)
+    torch.testing.assert_close(even[:, :, :b, :b], torch.stack(blocks).mean(0))
+    assert gather(img.bfloat16(), attn, b).dtype == torch.float32
 
 
 def test_blur_and_warp_error():
@@ -759,7 +793,8 @@ def test_pose_flow_checkpoints_written_before_the_dancer_layer():
     torch.manual_seed(0)
     opts = dict(residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)
     model = jitter(VAE_Model(*TINY, **opts)).eval()
-    old_sd = {k: v for k, v in model.state_dict().items() if not k.startswith(("dancer_mask.", "base_view."))}
+    old_sd = {k: v for k, v in model.state_dict().items()
+              if not k.startswith(("dancer_mask.", "base_view.", "gather_mask."))}
     old = VAE_Model(*TINY, **opts).eval()
     load_model_weights(old, {"model": old_sd}, "old.ckpt")
     for m, layer_off in ((old, True), (model, False)):
@@ -776,13 +811,32 @@ def test_pose_flow_checkpoints_written_before_the_generator_saw_its_base():
     model = jitter(VAE_Model(*TINY, **opts)).eval()
     old = VAE_Model(*TINY, **opts).eval()
     load_model_weights(old, {"model": {k: v for k, v in model.state_dict().items()
-                                       if not k.startswith("base_view.")}}, "old.ckpt")
+                                       if not k.startswith(("base_view.", "gather_mask."))}}, "old.ckpt")
     assert torch.all(old.base_view.weight == 0) and torch.all(old.base_view.bias == 0)
     for m, blind in ((old, True), (model, False)):
         pred, flow, layer, change, first = _frame_1(m)
         base = warp(first, flow)
         base = base + layer.mask * (warp(first, layer.displacement) - base)
         assert torch.allclose(pred, base + change, rtol=1e-5, atol=1e-6) == blind
+
+
+def test_pose_flow_checkpoints_written_before_the_gathered_layer():
+    """A pose_flow checkpoint without gather_mask loads with that mask at zero everywhere: its
+    frames are those of the same weights with the gathered layer off, the function it was trained
+    as. The same weights with the layer on give other frames."""
+    torch.manual_seed(0)
+    opts = dict(residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)
+    model = jitter(VAE_Model(*TINY, **opts)).eval()
+    old = VAE_Model(*TINY, **opts).eval()
+    load_model_weights(old, {"model": {k: v for k, v in model.state_dict().items()
+                                       if not k.startswith("gather_mask.")}}, "old.ckpt")
+    assert torch.all(old.gather_mask.weight == 0) and torch.all(old.gather_mask.bias == float("-inf"))
+    on = _frame_1(model)[0]
+    with torch.no_grad():
+        model.gather_mask.bias.fill_(float("-inf"))
+    off = _frame_1(model)[0]
+    torch.testing.assert_close(_frame_1(old)[0], off, rtol=0, atol=0)
+    assert not torch.allclose(on, off)
 
 
 def test_pose_flow_checkpoints_written_before_the_match_block():
