@@ -244,7 +244,8 @@ class VAE_Model(nn.Module):
     of frame t is the attention-weighted mean of x_0's blocks), blended in by `gather_mask` as the
     dancer layer is: where the match is unsure between blocks of one limb, a mean of their colours
     is still that limb's colour, while a mean of their positions, the dancer layer's displacement,
-    can fall on the wall between them. The Generator sees the frame its change is added to:
+    can fall on the wall between them (the warp's own loss leaves this layer out: the match's error
+    already trains the attention it reads). The Generator sees the frame its change is added to:
     `base_view`, a 1x1 convolution of that frame starting at zero, is added to its input."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
@@ -296,7 +297,7 @@ class VAE_Model(nn.Module):
             for mask in (self.dancer_mask, self.gather_mask):
                 nn.init.zeros_(mask.weight)
                 nn.init.constant_(mask.bias, MASK_START)
-            # The frame the Generator's change is added to (warped, the dancer layer blended in),
+            # The frame the Generator's change is added to (warped, both layers blended in),
             # through a 1 x 1 convolution added to the Generator's input, so that the change can
             # correct what the warp and the layer left (ghosts, doubled limbs) instead of guessing
             # it from the features. Starts at zero: the untrained model is the one without it.
