@@ -65,8 +65,8 @@ def common_parser():
                         "added to the warp's, and moves the first frame by itself as a second layer, blended "
                         "in by a learned mask, so a dancer tens of pixels from where the first frame has them "
                         "is carried there; a third layer, also blended in by a mask, reads the first frame's "
-                        "blocks through the match, so each limb takes the colours of that limb in the first "
-                        "frame (use with --warp_loss; docs/RESULTS.md)")
+                        "blocks through the match, so that a limb can take the colours of that limb in the "
+                        "first frame (use with --warp_loss; docs/RESULTS.md)")
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     g.add_argument("--gpu", type=int, default=1,
