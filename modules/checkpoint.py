@@ -125,12 +125,12 @@ def load_model_weights(model, ckpt, path):
     if "flow.weight" in sd and "flow_scale" not in sd:
         # Written before the flow had a scale: its flow was the convolution's output as it is.
         sd = {**sd, "flow_scale": torch.tensor(1.0)}
-    if "flow_coarse.0.weight" in sd and "dancer_mask.weight" not in sd:
-        # pose_flow written before the dancer layer: a mask that is zero everywhere (sigmoid(-inf))
-        # is that model's function exactly.
-        w = sd["flow.weight"]
-        sd = {**sd, "dancer_mask.weight": w.new_zeros(1, *w.shape[1:]),
-              "dancer_mask.bias": w.new_full((1,), float("-inf"))}
+    for mask in ("dancer_mask", "gather_mask"):
+        if "flow_coarse.0.weight" in sd and f"{mask}.weight" not in sd:
+            # pose_flow written before that layer: a mask that is zero everywhere (sigmoid(-inf))
+            # is that model's function exactly.
+            w = sd["flow.weight"]
+            sd = {**sd, f"{mask}.weight": w.new_zeros(1, *w.shape[1:]), f"{mask}.bias": w.new_full((1,), float("-inf"))}
     if "flow_coarse.0.weight" in sd and "match_block" not in sd:
         # pose_flow written before the match's block size was stored: it matched 4 x 4 blocks.
         sd = {**sd, "match_block": torch.tensor(4)}
@@ -138,11 +138,6 @@ def load_model_weights(model, ckpt, path):
         # pose_flow written before the Generator saw the frame it changes: a view of zeros.
         w = sd["flow.weight"]
         sd = {**sd, "base_view.weight": w.new_zeros(w.shape[1], 3, 1, 1), "base_view.bias": w.new_zeros(w.shape[1])}
-    if "flow_coarse.0.weight" in sd and "gather_mask.weight" not in sd:
-        # pose_flow written before the gathered layer: its mask zero everywhere, as for the dancer layer.
-        w = sd["flow.weight"]
-        sd = {**sd, "gather_mask.weight": w.new_zeros(1, *w.shape[1:]),
-              "gather_mask.bias": w.new_full((1,), float("-inf"))}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

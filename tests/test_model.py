@@ -551,8 +551,9 @@ def test_pose_flow_starts_near_the_model_without_and_every_path_agrees(prior):
 
     model = jitter(VAE_Model(*TINY, **opts, pose_flow=True))
     torch.nn.init.normal_(model.flow_coarse[-1].weight, std=0.1)
-    grads = _assert_training_paths_agree(model, img, lab, eps,
-                                         per_frame_dtype=torch.float64 if prior == "learned" else torch.float32)
+    # In float64: with both layers, summation order alone (it changes with the thread count) moves
+    # one bias gradient of the per-frame path by 1.02e-5 relative in float32 on 2 threads.
+    grads = _assert_training_paths_agree(model, img, lab, eps, per_frame_dtype=torch.float64)
     assert grads["pose_query.weight"].norm() > 0 and grads["flow_coarse.0.weight"].norm() > 0
     model.eval()
     noise = model.sample_noise(2, 6, 32, 64, generator=torch.Generator().manual_seed(1))
