@@ -87,6 +87,24 @@ def common_parser():
     return p
 
 
+def add_warp_loss(g):
+    """--warp_loss: the Trainer's, and the benchmark's (its training step computes the same loss)."""
+    g.add_argument("--warp_loss", type=float, default=0.0,
+                   help="with --warp: weight of the warp's own loss, the frame warped by the predicted flow "
+                        "(with --pose_flow, its two layers blended in) against the true frame, both blurred at "
+                        "0, 1, 2 and 4 pixels, so the flow learns to find the dancer several pixels away; with "
+                        "--pose_flow also the match's error (the first "
+                        "pose's colours read through the match against pose t's), which trains the match to "
+                        "find each limb (0, the default, trains the flow through the frame only; docs/RESULTS.md)")
+
+
+def check_warp_loss(args):
+    if args.warp_loss < 0:
+        raise ConfigError(f"--warp_loss must be >= 0, got {args.warp_loss}")
+    if args.warp_loss > 0 and not args.warp:
+        raise ConfigError("--warp_loss needs --warp (it is the loss of the warp's flow)")
+
+
 def trainer_parser():
     p = argparse.ArgumentParser(description="Train the pose-conditioned video VAE.",
                                 parents=[common_parser()],
@@ -109,13 +127,7 @@ def trainer_parser():
     g.add_argument("--recon", choices=("mse", "l1"), default="mse",
                    help="reconstruction loss (with --residual --condition first, l1 kept the model at "
                         "its starting copy of the first frame: docs/RESULTS.md)")
-    g.add_argument("--warp_loss", type=float, default=0.0,
-                   help="with --warp: weight of the warp's own loss, the frame warped by the predicted flow "
-                        "(with --pose_flow, its two layers blended in) against the true frame, both blurred at "
-                        "0, 1, 2 and 4 pixels, so the flow learns to find the dancer several pixels away; with "
-                        "--pose_flow also the match's error (the first "
-                        "pose's colours read through the match against pose t's), which trains the match to "
-                        "find each limb (0, the default, trains the flow through the frame only; docs/RESULTS.md)")
+    add_warp_loss(g)
     g.add_argument("--num_epoch", type=int, default=70, help="epochs to train")
     g.add_argument("--per_save", type=int, default=3, help="keep a checkpoint every this many epochs")
     g.add_argument("--partial", type=float, default=1.0, help="fraction of the training data used")
@@ -282,10 +294,7 @@ def check_trainer(args):
             raise ConfigError(f"--{n} must lie in (0, 1], got {getattr(args, n)}")
     if args.grad_clip < 0 or args.weight_decay < 0 or args.tfr_sde < 0 or args.min_lr < 0 or args.warmup_epochs < 0:
         raise ConfigError("--grad_clip, --weight_decay, --tfr_sde, --min_lr and --warmup_epochs must be >= 0")
-    if args.warp_loss < 0:
-        raise ConfigError(f"--warp_loss must be >= 0, got {args.warp_loss}")
-    if args.warp_loss > 0 and not args.warp:
-        raise ConfigError("--warp_loss needs --warp (it is the loss of the warp's flow)")
+    check_warp_loss(args)
     if args.gamma <= 0:
         raise ConfigError(f"--gamma must be positive (the learning rate is multiplied by it), got {args.gamma}")
     if args.scheduler == "cosine" and args.min_lr > args.lr:

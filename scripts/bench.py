@@ -30,7 +30,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.model import build_model  # noqa: E402
 from modules.engine import WindowBatches, first_line, is_out_of_memory  # noqa: E402
-from modules.options import ConfigError, check_common, check_model, common_parser, hide_from_help  # noqa: E402
+from modules.options import (ConfigError, add_warp_loss, check_common, check_model, check_warp_loss,  # noqa: E402
+                             common_parser, hide_from_help)
 from modules.runtime import (Speed, keep_freed_memory, peak_memory_growth, prepare_model, resolve_speed,  # noqa: E402
                             rollout, to_float)
 
@@ -54,6 +55,7 @@ def get_parser():
     p.add_argument("--compile_gen", action="store_true",
                    help="torch.compile the generation step of the fast path (then captured as usual)")
     p.add_argument("--grad_ckpt", action="store_true", help="activation checkpointing on the fast path")
+    add_warp_loss(p)
     p.add_argument("--tf", choices=("on", "off"), default="on",
                    help="teacher forcing during the timed steps (off: the per-frame loop on both paths)")
     p.add_argument("--skip_eager", action="store_true", help="measure the fast path only")
@@ -90,7 +92,8 @@ def time_training(model, speed, args, eager):
 
     def forward():
         with speed.autocast():
-            return train_model(img, lab, tf, fast=speed.fast, grad_ckpt=args.grad_ckpt and not eager)
+            return train_model(img, lab, tf, fast=speed.fast, grad_ckpt=args.grad_ckpt and not eager,
+                               warp_loss=args.warp_loss)
 
     def step():
         out = forward()
@@ -166,7 +169,7 @@ def flops_per_frame(model, speed, args):
     x = torch.rand(B, T, 3, args.frame_H, args.frame_W, device=speed.device)
     m = copy.deepcopy(model).float()
     with FlopCounterMode(display=False) as counter:
-        m(x, x, True, fast=True)["loss"].backward()
+        m(x, x, True, fast=True, warp_loss=args.warp_loss)["loss"].backward()
     return counter.get_total_flops() / (B * (T - 1))
 
 
@@ -221,6 +224,7 @@ def main(argv=None):
     try:
         check_common(args)
         check_model(args)
+        check_warp_loss(args)
         if (args.compile_gen and args.compile_mode in ("reduce-overhead", "max-autotune")
                 and args.device.startswith("cuda") and args.cuda_graphs != "off" and not args.plain):
             raise ConfigError(f"--compile_mode {args.compile_mode} captures CUDA graphs itself, and the generation "
@@ -243,7 +247,8 @@ def main(argv=None):
            "dims": [args.F_dim, args.L_dim, args.N_dim, args.D_out_dim],
            "fast": {"amp": fast.amp, "channels_last": fast.channels_last, "compile": fast.compile,
                     "compile_mode": args.compile_mode, "cuda_graphs": fast.cuda_graphs,
-                    "compile_gen": fast.compile_gen, "grad_ckpt": args.grad_ckpt, "malloc_cache": fast.malloc_cache}}
+                    "compile_gen": fast.compile_gen, "grad_ckpt": args.grad_ckpt, "malloc_cache": fast.malloc_cache},
+           "warp_loss": args.warp_loss}
 
     def log(msg):
         if not args.json:

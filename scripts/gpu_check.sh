@@ -67,10 +67,11 @@ python3 scripts/error_regions.py --DR "$DR" --ckpt_path "$CKPT" > "$OUT/regions.
 
 # Generation of 5 x 630 frames: the lab's model with the step as the Tester runs it (eager, captured
 # in a CUDA graph), then compiled before the capture; and the quality run's model, whose frames
-# are generated in batches (no frame reads another under --condition first).
+# are generated in batches (no frame reads another under --condition first), its training step
+# timed with the warp loss it trains with.
 step "generation benchmark"
 i=0
-for extra in "" "--compile_gen" "--condition first --residual --first_pose --warp --pose_flow"; do
+for extra in "" "--compile_gen" "--condition first --residual --first_pose --warp --pose_flow --warp_loss 1"; do
     i=$((i + 1))
     python3 scripts/bench.py --device cuda --skip_eager --compile off --batch_size 8 --steps 2 \
         --warmup 1 --json $extra 2>"$OUT/bench$i.err" | tee -a "$OUT/bench.jsonl" || failed $? "$OUT/bench$i.err"

@@ -261,6 +261,28 @@ def test_bench_json(capsys, monkeypatch):
     assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
+def test_bench_times_the_warp_loss(capsys, monkeypatch):
+    """--warp_loss reaches every training pass the benchmark runs (the Trainer's loss; it was
+    refused as an unknown flag), and is refused without --warp as the Trainer refuses it."""
+    from scripts import bench
+    from modules.model import VAE_Model
+    seen, forward = [], VAE_Model.forward
+
+    def spy(self, *a, **kw):
+        seen.append(kw.get("warp_loss"))
+        return forward(self, *a, **kw)
+    monkeypatch.setattr(VAE_Model, "forward", spy)
+    monkeypatch.setattr(bench, "matmul_tflops", lambda device, dtype: 1.0)
+    flags = ["--device", "cpu", *TINY[:8], "--steps", "1", "--warmup", "1", "--gen_len", "4", "--gen_seqs", "2",
+             "--train_vi_len", "4", "--json"]
+    assert bench.main([*flags, "--residual", "--warp", "--warp_loss", "0.5"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["warp_loss"] == 0.5
+    assert len(seen) >= 6 and set(seen) == {0.5}  # eager and fast steps, memory pass, FLOP count
+    assert bench.main([*flags, "--warp_loss", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "error: --warp_loss needs --warp" in err
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
     (["--batch_size", "-1"], "--batch_size must be at least 1, got -1"),
