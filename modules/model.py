@@ -142,23 +142,19 @@ def blur(x, sigma):
 
 
 class DancerLayer(NamedTuple):
-    """pose_flow's second and third layers, as _decode returns them: the match's displacement in
-    pixels (B, 2, H, W), the mask that blends the first frame moved by it over the warped frame
-    (B, 1, H, W), the match's attention (B, hw, hw) that the displacement came from, the mask that
-    blends the first frame read through that attention (`gather`) over the result (B, 1, H, W),
-    and the match's block size in pixels."""
+    """pose_flow's second layer, as _decode returns it: the match's displacement in pixels
+    (B, 2, H, W), the mask that blends the first frame moved by it over the warped frame
+    (B, 1, H, W), and the match's attention (B, hw, hw) that the displacement came from."""
     displacement: torch.Tensor
     mask: torch.Tensor
     attn: torch.Tensor
-    gather_mask: torch.Tensor
-    block: int
 
 
 def warp_error(img, flow, target, layer=None):
     """The warp's own loss, summed over rows: for each row, the mean over WARP_BLURS of the mean
     squared error between img warped by flow and target, both blurred. At least float32.
     layer, a DancerLayer, blends img moved by its displacement over the warped image by its mask,
-    then img read through its attention over that by its gather_mask, as the model does."""
+    as the model does."""
     dtype = torch.promote_types(torch.promote_types(img.dtype, flow.dtype), torch.float32)
     img, target = img.to(dtype), target.to(dtype)
 
@@ -166,7 +162,6 @@ def warp_error(img, flow, target, layer=None):
         out = warp(x, flow)
         if layer is not None:
             out = out + layer.mask * (warp(x, layer.displacement) - out)
-            out = out + layer.gather_mask * (gather(x, layer.attn, layer.block) - out)
         return out
     with _autocast_off(img):
         err = sum((moved(blur(img, s)) - blur(target, s)).pow(2).mean(dim=(1, 2, 3)) for s in WARP_BLURS)
@@ -249,10 +244,10 @@ class VAE_Model(nn.Module):
     of frame t is the attention-weighted mean of x_0's blocks), blended in by `gather_mask` as the
     dancer layer is: where the match is unsure between blocks of one limb, a mean of their colours
     is still that limb's colour, while a mean of their positions, the dancer layer's displacement,
-    can fall on the wall between them. The warp's own loss holds both layers: there the gathered
-    layer's mask, and the match through the colours it gathers, learn from the true frame too.
-    The Generator sees the frame its change is added to: `base_view`, a 1x1 convolution of that
-    frame starting at zero, is added to its input."""
+    can fall on the wall between them (the warp's own loss leaves this layer out: with it, three
+    CPU-sized runs tested no higher on average, docs/RESULTS.md). The Generator sees the frame its
+    change is added to: `base_view`, a 1x1 convolution of that frame starting at zero, is added to
+    its input."""
 
     def __init__(self, F_dim=128, L_dim=32, N_dim=12, D_out_dim=192, prior="fixed", residual=False,
                  condition="previous", first_pose=False, warp=False, pose_flow=False, lab_activation=False):
@@ -413,15 +408,14 @@ class VAE_Model(nn.Module):
                 coarse = self.flow_coarse(torch.cat([pooled, on_coarse.to(pooled.dtype)], 1))
                 flow = flow + F.interpolate(coarse, size=fused.shape[-2:], mode="bilinear", align_corners=False)
                 match = F.interpolate(match, size=fused.shape[-2:], mode="bilinear", align_corners=False)
-                layer = DancerLayer(match * self.flow_scale, torch.sigmoid(self.dancer_mask(fused)), attn,
-                                    torch.sigmoid(self.gather_mask(fused)), self._match_px)
+                layer = DancerLayer(match * self.flow_scale, torch.sigmoid(self.dancer_mask(fused)), attn)
                 dancer = warp(prev_img, layer.displacement)
             flow = flow * self.flow_scale
             prev_img = warp(prev_img, flow)
             if layer is not None:
                 prev_img = prev_img + layer.mask * (dancer - prev_img)
                 gathered = gather(first, attn, self._match_px)
-                prev_img = prev_img + layer.gather_mask * (gathered - prev_img)
+                prev_img = prev_img + torch.sigmoid(self.gather_mask(fused)) * (gathered - prev_img)
         if self.base_view is not None:  # pose_flow: the Generator sees the frame it changes
             fused = fused + self.base_view(prev_img.to(fused.dtype))
         out = self.Generator(fused)
@@ -493,7 +487,7 @@ class VAE_Model(nn.Module):
         time, so the activations held at once are those of B frames, not B*(T-1)
         (`_forward_checkpointed`, same function).
         warp_loss > 0 (a warp model only) adds the warp's own loss with that weight: the frame the
-        change is added to (warped by the predicted flow; for pose_flow, with its two layers
+        change is added to (warped by the predicted flow; for pose_flow, with the dancer layer
         blended in) against the true frame (warp_error), and for pose_flow the match's error
         (match_error).
         Returns dict(loss, recon, kl, warp, pred) with pred (B, T-1, 3, H, W) unclamped.

@@ -91,7 +91,7 @@ def add_warp_loss(g):
     """--warp_loss: the Trainer's, and the benchmark's (its training step computes the same loss)."""
     g.add_argument("--warp_loss", type=float, default=0.0,
                    help="with --warp: weight of the warp's own loss, the frame warped by the predicted flow "
-                        "(with --pose_flow, its two layers blended in) against the true frame, both blurred at "
+                        "(with --pose_flow, the dancer layer blended in) against the true frame, both blurred at "
                         "0, 1, 2 and 4 pixels, so the flow learns to find the dancer several pixels away; with "
                         "--pose_flow also the match's error (the first "
                         "pose's colours read through the match against pose t's), which trains the match to "

@@ -668,9 +668,8 @@ def test_blur_and_warp_error():
     """blur: a normalised Gaussian (a constant image stays constant, a point spreads symmetrically
     and keeps its sum in the interior). warp_error: per row, the mean over WARP_BLURS of the mean
     squared error of the blurred warped image against the blurred target, summed over rows; 0
-    where the flow maps the image onto the target; with pose_flow's layers, the image moved by the
-    displacement blended over the warped one by its mask, then the image read through the
-    attention (`gather`) blended over that by its own mask."""
+    where the flow maps the image onto the target; with a dancer layer, the image moved by the
+    layer's displacement blended over the warped one by its mask."""
     torch.manual_seed(0)
     const = torch.full((1, 3, 16, 32), 0.3)
     torch.testing.assert_close(blur(const, 2), const)
@@ -692,33 +691,24 @@ def test_blur_and_warp_error():
     shifted = warp(img, right)  # every pixel moved one to the left, the right edge repeated
     # Blur and warp commute but at the right edge, where both repeat the edge pixel differently.
     assert warp_error(img, right, shifted) < 1e-2 * warp_error(img, torch.zeros_like(right), shifted)
-    # pose_flow's layers: img moved by the displacement, blended in by its mask, then img read
-    # through the attention (2 x 2 blocks), blended in by the gather mask, at every blur.
-    d, mask, gmask = torch.randn(3, 2, 16, 32), torch.rand(3, 1, 16, 32), torch.rand(3, 1, 16, 32)
-    attn = torch.softmax(torch.randn(3, 8 * 16, 8 * 16) * 3, -1)
-    zero, one = torch.zeros_like(mask), torch.ones_like(mask)
-    torch.testing.assert_close(warp_error(img, flow, target, DancerLayer(d, zero, attn, zero, 2)),
+    # pose_flow's layer: img moved by its displacement, blended in by its mask, at every blur.
+    d, mask = torch.randn(3, 2, 16, 32), torch.rand(3, 1, 16, 32)
+    attn = torch.zeros(())  # unused by warp_error
+    torch.testing.assert_close(warp_error(img, flow, target, DancerLayer(d, torch.zeros_like(mask), attn)),
                                warp_error(img, flow, target))
-    torch.testing.assert_close(warp_error(img, flow, target, DancerLayer(d, one, attn, zero, 2)),
+    torch.testing.assert_close(warp_error(img, flow, target, DancerLayer(d, torch.ones_like(mask), attn)),
                                warp_error(img, d, target))
-    gathered = sum(sum(F.mse_loss(gather(blur(img[i:i + 1], s), attn[i:i + 1], 2), blur(target[i:i + 1], s))
-                       for s in WARP_BLURS) for i in range(3)) / len(WARP_BLURS)
-    torch.testing.assert_close(warp_error(img, flow, target, DancerLayer(d, mask, attn, one, 2)), gathered)
-
-    def blended(i, s):
-        x = blur(img[i:i + 1], s)
-        out = warp(x, flow[i:i + 1]) * (1 - mask[i:i + 1]) + warp(x, d[i:i + 1]) * mask[i:i + 1]
-        return out * (1 - gmask[i:i + 1]) + gather(x, attn[i:i + 1], 2) * gmask[i:i + 1]
-    expected = sum(sum(F.mse_loss(blended(i, s), blur(target[i:i + 1], s))
-                       for s in WARP_BLURS) for i in range(3)) / len(WARP_BLURS)
-    torch.testing.assert_close(warp_error(img, flow, target, DancerLayer(d, mask, attn, gmask, 2)), expected)
+    blended = sum(sum(F.mse_loss(warp(blur(img[i:i + 1], s), flow[i:i + 1]) * (1 - mask[i:i + 1])
+                                 + warp(blur(img[i:i + 1], s), d[i:i + 1]) * mask[i:i + 1], blur(target[i:i + 1], s))
+                      for s in WARP_BLURS) for i in range(3)) / len(WARP_BLURS)
+    torch.testing.assert_close(warp_error(img, flow, target, DancerLayer(d, mask, attn)), blended)
 
 
 @pytest.mark.parametrize("condition", ["first", "previous"])
 def test_warp_loss_adds_the_warp_error_and_every_path_agrees(condition):
     """warp_loss w: loss = recon + beta * kl + w * warp, warp being warp_error of the frame the
     change is added to (the first or the previous true frame) warped by the model's flow (and, for
-    pose_flow, its two layers blended in, plus the match's error), averaged
+    pose_flow, its dancer layer blended in, plus the match's error), averaged
     over frames; batched, per-frame and checkpointed training agree with it on; it changes the flow's
     gradients; w = 0 leaves the loss as it was; a model without warp refuses it."""
     torch.manual_seed(0)
@@ -896,8 +886,7 @@ def test_the_pose_match_and_the_warp_loss_stay_float32_under_autocast():
     img, target = torch.rand(2, 3, 8, 16, generator=g), torch.rand(2, 3, 8, 16, generator=g)
     flow = torch.randn(2, 2, 8, 16, generator=g)
     attn, hw = m._match_attn(lf, fpf)
-    layer = DancerLayer(torch.randn(2, 2, 8, 16, generator=g) * 4, torch.rand(2, 1, 8, 16, generator=g), attn,
-                        torch.rand(2, 1, 8, 16, generator=g), 2)
+    layer = DancerLayer(torch.randn(2, 2, 8, 16, generator=g) * 4, torch.rand(2, 1, 8, 16, generator=g), attn)
     labels = torch.rand(2, 3, 8, 16, generator=g), torch.rand(2, 3, 8, 16, generator=g)
     plain = (m._displacement(attn, hw, 2), warp_error(img, flow, target, layer), match_error(attn, *labels))
     with torch.autocast("cpu", dtype=torch.bfloat16):
