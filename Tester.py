@@ -65,7 +65,7 @@ def load_model(path, args, given=()):
     `given`: the flags on the command line; a model flag among them that the checkpoint contradicts
     is noted (it takes no effect)."""
     ckpt = load_checkpoint(path)
-    margs = model_args(ckpt)
+    margs = model_args(ckpt, path)
     for k in TESTER_IGNORED:
         if k in given and getattr(args, k) != margs.get(k):
             print(f"note: --{k} {getattr(args, k)} takes no effect: the model is rebuilt from the checkpoint "

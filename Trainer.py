@@ -77,6 +77,33 @@ def build_optimizer(model, args, speed):
     return cls(model.parameters(), **kw)
 
 
+# Optimizers whose per-parameter state has the same entries (Adam's moments serve AdamW as they are).
+STATE_KIND = {"Adam": "adam", "AdamW": "adam", "Adamax": "adamax"}
+
+
+def load_optimizer_state(optimizer, ckpt, args, verbose=True):
+    """Continue the checkpoint's optimizer state under this run's options. The state (moments, step
+    counts) is the checkpoint's; the options (weight decay, ...) are this command line's, which
+    Optimizer.load_state_dict would otherwise replace with the checkpoint's. A state of another
+    kind (Adamax's from Adam's, or the reverse) cannot continue: the optimizer starts afresh."""
+    saved = (ckpt.get("args") or {}).get("optim", args.optim)
+    if STATE_KIND.get(saved) != STATE_KIND[args.optim]:
+        if verbose:
+            print(f"note: {args.ckpt_path} holds the state of {saved}; --optim {args.optim} starts with a "
+                  "fresh state (the weights, epoch and schedules continue)", flush=True)
+        return
+    options = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except ValueError:  # its parameters are not this model's (the weights loaded with defaults)
+        raise CheckpointError(f"{args.ckpt_path}: its optimizer state holds other parameters than this "
+                              "model's (written before a module was added to the model, e.g. --pose_flow's "
+                              "dancer layer); Tester.py still tests it, but training cannot continue "
+                              "from it: start a new run") from None
+    for group, opts in zip(optimizer.param_groups, options):
+        group.update(opts)
+
+
 def find_resume_checkpoint(save_root):
     """The newest checkpoint of a run folder: last.ckpt, else the newest epoch_*.ckpt."""
     last = os.path.join(save_root, "last.ckpt")
@@ -211,6 +238,11 @@ def adopt_run_args(args, argv):
     for k, v in stored.items():
         if hasattr(args, k) and k not in given and k not in NOT_ADOPTED:
             setattr(args, k, v)
+    if "DR" not in given and args.DR != DEFAULT_DR and not os.path.exists(args.DR):
+        # A relative --DR is read from the folder the run was started in; the message that the
+        # dataset is missing would suggest generating a new one there, another dataset than the run's.
+        raise ConfigError(f"{path} was trained on --DR {args.DR}, which is not found from "
+                          f"{os.getcwd()}: pass --DR with that dataset's path")
 
 
 def trim_metrics(path, epoch):
@@ -378,13 +410,7 @@ def _train(args, d, stop):
     optimizer = build_optimizer(model, args, speed)
     start_epoch, progress, best_psnr, nan_skipped = 0, None, float("-inf"), 0
     if ckpt is not None and "optimizer" in ckpt and ckpt.get("format") == FORMAT:
-        try:
-            optimizer.load_state_dict(ckpt["optimizer"])
-        except ValueError:  # its parameters are not this model's (the weights loaded with defaults)
-            raise CheckpointError(f"{args.ckpt_path}: its optimizer state holds other parameters than this "
-                                  "model's (written before a module was added to the model, e.g. --pose_flow's "
-                                  "dancer layer); Tester.py still tests it, but training cannot continue "
-                                  "from it: start a new run") from None
+        load_optimizer_state(optimizer, ckpt, args, d.is_main)
         start_epoch, progress = ckpt["epoch"], ckpt.get("progress")
         nan_skipped = ckpt.get("nan_skipped", 0)
         # best.ckpt is the best model validated in its folder: a run continued in another folder

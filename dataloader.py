@@ -11,6 +11,7 @@ import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 
 import numpy as np
@@ -152,7 +153,7 @@ def _decode_chunk(job):
 
 def read_images(paths, frame_H, frame_W, workers=None):
     """Decode many images into uint8 (N, 3, H, W), in worker processes when there are many (at most
-    `workers`, default one per CPU core).
+    `workers`, default one per CPU core; 0 or 1: in this process).
 
     Processes, not threads: Pillow holds the GIL while it inflates a PNG, so threads gave no
     speed-up. On Linux the workers are forked, which costs no re-import of torch; they only run
@@ -161,13 +162,15 @@ def read_images(paths, frame_H, frame_W, workers=None):
     out = np.empty((len(paths), frame_H, frame_W, 3), np.uint8)
     step = 256
     jobs = [(paths[lo:lo + step], frame_H, frame_W) for lo in range(0, len(paths), step)]
-    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    workers = min((os.cpu_count() or 1) if workers is None else workers, len(jobs))
     if workers <= 1 or len(paths) < 1024 or multiprocessing.current_process().daemon:
         for lo, job in zip(range(0, len(paths), step), jobs):
             out[lo:lo + len(job[0])] = _decode_chunk(job)
     else:
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-        with ctx.Pool(workers) as pool:
+        # Ctrl-C reaches the whole process group: the workers ignore it and the parent, which
+        # stops them on its KeyboardInterrupt, reports it (else each worker prints a traceback).
+        with ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
             for lo, arr in zip(range(0, len(paths), step), pool.imap(_decode_chunk, jobs)):
                 out[lo:lo + len(arr)] = arr
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
@@ -247,6 +250,9 @@ def _check_size(frame_H, frame_W):
 
 def _root(root):
     root = _resolve(root)
+    if os.path.isfile(root):
+        raise DataError(f"dataset root {root} is a file; point --DR at the folder that holds train/, val/ "
+                        "and test/")
     if not os.path.isdir(root):
         raise DataError(f"dataset root {root} not found; create it with "
                         f"`python scripts/make_dance_data.py --out {root}` or point --DR "

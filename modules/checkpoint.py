@@ -43,8 +43,9 @@ def save_checkpoint(path, state):
 def load_checkpoint(path):
     """Read a checkpoint onto the CPU, safely. Returns the dict; raises CheckpointError."""
     if os.path.isdir(path):
-        raise CheckpointError(f"checkpoint {path} is a folder; pass a checkpoint file (e.g. {path}/last.ckpt), "
-                              "or resume the run in it with --resume")
+        raise CheckpointError(f"checkpoint {path} is a folder; pass a checkpoint file in it, e.g. "
+                              f"{os.path.join(path, 'best.ckpt')} (Trainer.py --resume {path} continues the "
+                              "run in it)")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path")
     try:
@@ -61,8 +62,8 @@ def load_checkpoint(path):
                               "by Trainer.py or torch.save") from None
     except Exception as e:  # garbage makes torch.load raise almost anything (KeyError, EOFError, ...)
         raise CheckpointError(f"cannot read checkpoint {path}: it is truncated or not a PyTorch checkpoint "
-                              f"({type(e).__name__}); use an intact file, e.g. the run's last.ckpt or an "
-                              "epoch_N.ckpt") from None
+                              f"({type(e).__name__}); pass another with --ckpt_path, e.g. an epoch_N.ckpt or "
+                              "best.ckpt of the same run") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     if "model" not in ckpt and "state_dict" not in ckpt:
@@ -77,7 +78,7 @@ def load_checkpoint(path):
     return ckpt
 
 
-def dims_from_state_dict(sd):
+def dims_from_state_dict(sd, path="the checkpoint"):
     """Recover F/L/N/D dims, the prior type, first_pose, warp and pose_flow from the parameters (for lab
     checkpoints, and so that a checkpoint's weights decide the model that loads them)."""
     try:
@@ -92,13 +93,13 @@ def dims_from_state_dict(sd):
             pose_flow=any(k.startswith("flow_coarse.") for k in sd),
         )
     except KeyError as e:
-        raise CheckpointError(f"the checkpoint's weights are not this model's (missing {e.args[0]})") from None
+        raise CheckpointError(f"{path}: its weights are not this model's (missing {e.args[0]})") from None
 
 
-def model_args(ckpt):
+def model_args(ckpt, path="the checkpoint"):
     """The arguments that rebuild the checkpoint's model: stored ones, else read off the weights."""
     stored = ckpt.get("args") or {}
-    found = dims_from_state_dict(ckpt["model"])
+    found = dims_from_state_dict(ckpt["model"], path)
     out = {k: stored.get(k, found.get(k)) for k in MODEL_ARGS}
     out.update({k: found[k] for k in found})  # the weights are the truth
     if ckpt.get("lab_format"):
@@ -108,7 +109,7 @@ def model_args(ckpt):
 
 def check_dims(ckpt, args, path):
     """Raise CheckpointError naming each flag whose value differs from the checkpoint's."""
-    found = dims_from_state_dict(ckpt["model"])
+    found = dims_from_state_dict(ckpt["model"], path)
     diff = [f"--{k} {getattr(args, k)} (checkpoint: {found[k]})" for k in MODEL_DIMS + ("prior", "first_pose", "warp", "pose_flow")
             if getattr(args, k, found[k]) != found[k]]
     # Options without weights of their own, as the run that wrote the checkpoint had them.

@@ -1,6 +1,7 @@
 """The one argument builder. Trainer.py and Tester.py build their parsers from these parents, so a
 flag is declared once. Flag names and defaults are the lab's; additions follow the same style."""
 import argparse
+import math
 import os
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
@@ -33,7 +34,8 @@ def common_parser():
                    help="output folder (Trainer: a new runs/<timestamp>; Tester: <checkpoint folder>/test, "
                         "or /test_unseen with --split test_unseen)")
     g.add_argument("--num_workers", type=int, default=None,
-                   help="processes that decode the dataset's PNGs (once: they are cached); default one per CPU core")
+                   help="processes that decode the dataset's PNGs (once: they are cached); 0 decodes in this "
+                        "process; default one per CPU core")
     g.add_argument("--frame_H", type=int, default=32, help="frame height the images are resized to")
     g.add_argument("--frame_W", type=int, default=64, help="frame width the images are resized to")
     g.add_argument("--no_cache", action="store_true", help="do not read or write the decoded-frame cache")
@@ -227,14 +229,26 @@ def hide_from_help(p, dests):
 def _positive(args, names):
     for n in names:
         v = getattr(args, n, None)
-        if v is not None and v <= 0:
+        if v is not None and not v > 0:  # `not >`: NaN is refused too
             raise ConfigError(f"--{n} must be positive, got {v}")
+
+
+def _finite(args):
+    """argparse's float() reads 'nan' and 'inf': refuse them for every float flag (torch's
+    optimizers raise a traceback on a NaN learning rate; an infinite one diverges at once)."""
+    for n, v in sorted(vars(args).items()):
+        values = v if isinstance(v, list) else [v]
+        if any(isinstance(x, float) and not math.isfinite(x) for x in values):
+            raise ConfigError(f"--{n} must be a finite number, got {v}")
 
 
 def check_common(args):
     """Validate shared flags and resolve 'auto' ones. Raises ConfigError."""
     import torch
-    _positive(args, MODEL_DIMS + ("frame_H", "frame_W", "num_workers"))
+    _finite(args)
+    _positive(args, MODEL_DIMS + ("frame_H", "frame_W"))
+    if args.num_workers is not None and args.num_workers < 0:
+        raise ConfigError(f"--num_workers must be >= 0 (0: decode in this process), got {args.num_workers}")
     if args.seed < 0:
         raise ConfigError(f"--seed must be >= 0, got {args.seed}")
     for n in ("frame_H", "frame_W"):
@@ -295,6 +309,9 @@ def check_trainer(args):
     if args.grad_clip < 0 or args.weight_decay < 0 or args.tfr_sde < 0 or args.min_lr < 0 or args.warmup_epochs < 0:
         raise ConfigError("--grad_clip, --weight_decay, --tfr_sde, --min_lr and --warmup_epochs must be >= 0")
     check_warp_loss(args)
+    if args.milestones and min(args.milestones) < 1:
+        raise ConfigError(f"--milestones are epochs (1, 2, ...) after which the learning rate is multiplied by "
+                          f"--gamma, got {' '.join(map(str, args.milestones))}")
     if args.gamma <= 0:
         raise ConfigError(f"--gamma must be positive (the learning rate is multiplied by it), got {args.gamma}")
     if args.scheduler == "cosine" and args.min_lr > args.lr:
@@ -305,6 +322,12 @@ def check_trainer(args):
     check_model(args)
     if args.ckpt_path and args.resume:
         raise ConfigError("give either --ckpt_path or --resume, not both")
+    if args.resume and args.save_root is not None and (os.path.realpath(args.save_root)
+                                                       != os.path.realpath(args.resume)):
+        raise ConfigError(f"--resume {args.resume} continues that run in its own folder; --save_root "
+                          f"{args.save_root} would be ignored: drop it, or start a run in {args.save_root} "
+                          f"from the checkpoint with --ckpt_path {os.path.join(args.resume, 'last.ckpt')} "
+                          f"--save_root {args.save_root}")
     if args.test and not (args.ckpt_path or args.resume):
         raise ConfigError("--test validates a trained model: pass --ckpt_path FILE")
     return args

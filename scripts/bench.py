@@ -220,6 +220,14 @@ def measure(base, plain, fast, args, log):
 
 
 def main(argv=None):
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print("error: interrupted; no figures (they are printed when every round is done)", file=sys.stderr)
+        return 130
+
+
+def run(argv=None):
     args = get_parser().parse_args(argv)
     try:
         check_common(args)

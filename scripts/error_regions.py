@@ -84,12 +84,19 @@ def _curve(pred, truth):
 
 
 def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
-    with open(os.path.join(root, MARKER)) as f:
-        made = json.load(f)["args"]
-    if made["test_len"] < 2:  # (checked before plan(), which refuses it as a generator flag)
-        raise DataError(f"{root}: its test sequences have {made['test_len']} frame, and the analysis scores "
-                        "frames 1.. against frame 0; write the data with --test_len 2 or more")
-    tests = [v for v in plan(**made)[0] if v["split"] == "test"]
+    marker = os.path.join(root, MARKER)
+    try:
+        with open(marker) as f:
+            made = json.load(f)["args"]
+        if made["test_len"] < 2:  # (checked before plan(), which refuses it as a generator flag)
+            raise DataError(f"{root}: its test sequences have {made['test_len']} frame, and the analysis scores "
+                            "frames 1.. against frame 0; write the data with --test_len 2 or more")
+        tests = [v for v in plan(**made)[0] if v["split"] == "test"]
+    except DataError:
+        raise
+    except (ValueError, KeyError, TypeError) as e:  # a file cut short or edited by hand
+        raise DataError(f"{marker} does not describe a dataset written by scripts/make_dance_data.py "
+                        f"({type(e).__name__}: {e}); write the data again") from None
     H, W = 32, 64
     L = made["test_len"] if test_len is None else test_len
     seqs = TestSequences(root, H, W, test_len=L, cache=False)
@@ -109,6 +116,10 @@ def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
         out = rollout(model, to_float(first, speed), to_float(labels, speed), eps.to(speed.device), speed)
         preds = out.permute(0, 1, 3, 4, 2).cpu().numpy()
     rows, curves = [], {}
+    extra = [seq["name"] for seq in seqs if not 0 <= int(seq["name"]) < len(tests)]
+    if extra:
+        raise DataError(f"{root}: test sequence(s) {', '.join(extra)} are not among the {len(tests)} its "
+                        f"{MARKER} describes (added by hand?); the analysis renders each sequence again")
     for k, seq in enumerate(seqs):
         frames, masks = regions(Video(**tests[int(seq["name"])]["video"]), L, H, W)
         if seq["gt"] is None or not np.array_equal(np.rint(frames * 255), seq["gt"].permute(0, 2, 3, 1).numpy()):
@@ -155,6 +166,9 @@ def main(argv=None):
     except (DataError, CheckpointError, ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing written", file=sys.stderr)
+        return 130
     if args.json:
         print(json.dumps(res))
         return 0

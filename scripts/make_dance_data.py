@@ -833,6 +833,8 @@ def main(argv=None):
     style = dict(motion=args.motion, speed=args.speed, turns=args.turns, travel=args.travel,
                  background=args.background)
     try:
+        if args.out and args.test_seqs < 1:  # make_dataset allows none (for tests); a user's dataset needs one
+            _fail(f"--test_seqs must be at least 1 (Tester.py generates the test split), got {args.test_seqs}")
         if args.preview:
             make_preview(args.preview, seed=args.seed, height=args.height, width=args.width,
                          dancers=args.dancers, **style)
@@ -846,8 +848,13 @@ def main(argv=None):
                          overwrite=args.overwrite, train_videos=args.train_videos,
                          window=args.window, unseen_seqs=args.unseen_seqs,
                          unseen_dancers=args.unseen_dancers, **style)
-    except (DataError, OSError) as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a path that is a file where a folder goes, a read-only place, a full disk
+        what = e.filename or args.out or args.preview
+        print(f"error: cannot write {what}: {e.strerror or e}; choose another --out / --preview",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         where = (f"; {args.out} is incomplete: run the same command with --overwrite to write it again"

@@ -174,6 +174,12 @@ def log_tail(path, n=15):
         return ""
 
 
+# Trainer flags that trainer_cmd sets itself, and why a user's would break the run.
+RUNNER_FLAGS = {"save_root": "one folder per run under --out", "resume": "one folder per run under --out",
+                "ckpt_path": "each run starts from scratch or resumes its own folder",
+                "num_epoch": "use --epochs"}
+
+
 def trainer_cmd(run, save_root, num_epoch, extra, resume):
     where = ["--resume", save_root] if resume else ["--save_root", save_root]
     return [sys.executable, os.path.join(ROOT, "Trainer.py"), *where, *to_argv(run.flags),
@@ -235,6 +241,10 @@ def run_one(run, out, num_epoch, extra, test_extra, limit_s, index=0, epochs_giv
     os.makedirs(save_root, exist_ok=True)
     record_path = os.path.join(save_root, RUN_FILE)
     record = read_json(record_path, {})
+    if not epochs_done(save_root) and not any(f.endswith(".ckpt") for f in os.listdir(save_root)):
+        # It wrote nothing (e.g. the Trainer refused a mistyped flag): no result stands for its
+        # settings, so this invocation's replace them.
+        record = {}
     minutes = limit_s / 60 if limit_s else None
     changed = settings_changed(record, run, extra, num_epoch if epochs_given else None, minutes)
     if changed:
@@ -347,7 +357,12 @@ def main(argv=None):
     grid = GRIDS[args.grid]()
     from modules.options import given_flags, trainer_parser
     # Unknown flags are left to the Trainer to refuse.
-    clash = sorted(given_flags(trainer_parser, extra, known_only=True) & {k for r in grid for k in r.flags})
+    given = given_flags(trainer_parser, extra, known_only=True)
+    own = sorted(given & set(RUNNER_FLAGS))
+    if own:
+        parser.error(f"{', '.join('--' + k for k in own)} after --: the runner sets it for every run "
+                     f"({RUNNER_FLAGS[own[0]]}): leave it out")
+    clash = sorted(given & {k for r in grid for k in r.flags})
     if clash:
         parser.error(f"{', '.join('--' + k for k in clash)} after -- would override what the runs of grid "
                      f"{args.grid} set (see --list), and their names would no longer say what they ran: leave "

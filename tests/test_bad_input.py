@@ -79,6 +79,12 @@ def args_for_tester(dr, ckpt, *extra):
     (["--residual", "--warp", "--pose_flow"], "--pose_flow needs --warp and --first_pose"),
     (["--warp_loss", "1"], "--warp_loss needs --warp"),
     (["--residual", "--warp", "--warp_loss", "-1"], "--warp_loss must be >= 0"),
+    # argparse's float() reads nan and inf: a NaN learning rate was a traceback from torch's Adam
+    (["--lr", "nan"], "--lr must be a finite number, got nan"),
+    (["--lr", "inf"], "--lr must be a finite number, got inf"),
+    (["--grad_clip", "nan"], "--grad_clip must be a finite number"),
+    (["--milestones", "-1", "3"], "--milestones are epochs (1, 2, ...)"),  # was lr x 0.01 from epoch 1
+    (["--num_workers", "-1"], "--num_workers must be >= 0"),
 ])
 def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
     line = error_of(Trainer.main, [*args_for_trainer(trained[0]), *flags, "--save_root", tmp_path / "run"], capsys)
@@ -239,6 +245,69 @@ def test_checkpoint_whose_optimizer_holds_other_parameters(trained, tmp_path, ca
                                    "--save_root", tmp_path / "run"], capsys)
     assert path in line and "optimizer state holds other parameters than this model's" in line
     assert "start a new run" in line
+
+
+@pytest.mark.parametrize("before, after", [("Adam", "Adamax"), ("Adamax", "Adam")])
+def test_resume_with_another_kind_of_optimizer_starts_its_state_afresh(trained, tmp_path, capsys, before, after):
+    """Adam's state (exp_avg_sq) is not Adamax's (exp_inf): a resume with the other --optim loaded
+    it and failed at the first step with a KeyError traceback, after rewriting args.json."""
+    dr = trained[0]
+    run = str(tmp_path / "run")
+    common = ["--DR", dr, *TINY, "--train_vi_len", "4", "--partial", "0.09", "--save_root", run]
+    assert Trainer.main([*common, "--num_epoch", "1", "--optim", before]) == 0
+    capsys.readouterr()
+    assert Trainer.main(["--resume", run, "--num_epoch", "2", "--optim", after]) == 0
+    out = capsys.readouterr().out
+    assert f"holds the state of {before}; --optim {after} starts with a fresh state" in out
+    ckpt = torch.load(os.path.join(run, "last.ckpt"), weights_only=True)
+    assert ckpt["epoch"] == 2 and ckpt["args"]["optim"] == after
+    kind = "exp_inf" if after == "Adamax" else "exp_avg_sq"
+    assert all(kind in st for st in ckpt["optimizer"]["state"].values())
+
+
+def test_resume_keeps_the_checkpoints_optimizer_state_under_this_runs_options(trained, tmp_path):
+    """Optimizer.load_state_dict takes the options of the checkpoint's groups too: a resume with
+    --optim AdamW (from Adam) or another --weight_decay silently kept the checkpoint's."""
+    from types import SimpleNamespace
+    dr, good = trained
+    ckpt = torch.load(good, weights_only=True)
+    args = Trainer.trainer_parser().parse_args(["--optim", "AdamW", "--weight_decay", "0.25", "--lr", "3e-4"])
+    args.ckpt_path = good
+    model = Trainer.build_model(ckpt["args"])
+    model.load_state_dict(ckpt["model"])
+    opt = Trainer.build_optimizer(model, args, SimpleNamespace(device=torch.device("cpu")))
+    Trainer.load_optimizer_state(opt, ckpt, args, verbose=False)
+    group = opt.param_groups[0]
+    assert group["weight_decay"] == 0.25 and group["lr"] == 3e-4
+    assert group.get("decoupled_weight_decay", True)  # AdamW's, not the checkpoint's Adam
+    saved = ckpt["optimizer"]["state"]
+    assert len(opt.state) == len(saved) > 0
+    first = opt.state[opt.param_groups[0]["params"][0]]
+    assert torch.equal(first["exp_avg"], saved[0]["exp_avg"])  # the moments are the checkpoint's
+
+
+def test_resume_with_another_save_root_is_refused(trained, tmp_path, capsys):
+    """--resume A --save_root B trained into A and never made B, silently."""
+    run = os.path.dirname(trained[1])
+    line = error_of(Trainer.main, ["--resume", run, "--save_root", tmp_path / "B"], capsys)
+    assert f"--resume {run} continues that run in its own folder" in line
+    assert f"--ckpt_path {os.path.join(run, 'last.ckpt')} --save_root {tmp_path / 'B'}" in line
+    assert not (tmp_path / "B").exists()
+
+
+def test_resume_from_another_folder_with_a_relative_dataset_path(trained, tmp_path, monkeypatch, capsys):
+    """A run trained on a relative --DR, resumed from another folder, was told to generate a new
+    dataset at that path (another dataset than the run's)."""
+    dr = trained[0]
+    monkeypatch.chdir(os.path.dirname(dr))
+    run = str(tmp_path / "run")
+    assert Trainer.main(["--DR", os.path.basename(dr), *TINY, "--num_epoch", "1", "--train_vi_len", "4",
+                         "--partial", "0.09", "--save_root", run]) == 0
+    monkeypatch.chdir(tmp_path)
+    line = error_of(Trainer.main, ["--resume", run, "--num_epoch", "2"], capsys)
+    assert f"was trained on --DR {os.path.basename(dr)}, which is not found from {tmp_path}" in line
+    assert "pass --DR" in line and "make_dance_data" not in line
+    assert Trainer.main(["--resume", run, "--num_epoch", "2", "--DR", dr]) == 0
 
 
 def test_lab_checkpoint_with_other_dims_names_the_flags(trained, tmp_path, capsys):

@@ -1,6 +1,7 @@
 import json
 import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -349,3 +350,54 @@ def test_num_workers_reaches_the_decoder(tiny_dance, tmp_path, monkeypatch):
     assert Tester.main(["--ckpt_path", str(ckpt), "--DR", str(tiny_dance), "--save_root", str(tmp_path / "t"),
                         "--test_len", "20", "--no_gif", "--no_cache", "--device", "cpu", "--num_workers", "1"]) == 0
     assert asked[3:] == [1]
+
+
+def _copies(tmp_path, n):
+    """n paths of one tiny PNG: enough (>= 1024) for read_images to use worker processes."""
+    first = tmp_path / "frame0.png"
+    _solid(first, (1, 2, 3), size=(8, 4))
+    data = first.read_bytes()
+    paths = [str(first)]
+    for i in range(1, n):
+        p = tmp_path / f"frame{i}.png"
+        p.write_bytes(data)
+        paths.append(str(p))
+    return paths
+
+
+def test_zero_workers_decode_in_this_process(tmp_path, monkeypatch):
+    """--num_workers 0 (PyTorch's "in the main process") was refused; and read_images took 0 for
+    "one per core"."""
+    paths = _copies(tmp_path, 1030)
+
+    def no_pool(*a, **kw):
+        raise AssertionError("a worker pool was started")
+    monkeypatch.setattr(dataloader.multiprocessing, "get_context", no_pool)
+    out = dataloader.read_images(paths, 4, 8, workers=0)
+    assert out.shape == (1030, 3, 4, 8) and (out[:, 0] == 1).all()
+
+
+_DECODE = dataloader._decode_chunk
+
+
+def _decode_if_sigint_ignored(job):
+    """dataloader._decode_chunk, run in a worker (forked: it inherits the test's patch), that
+    fails unless the worker ignores SIGINT."""
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        raise RuntimeError("worker does not ignore SIGINT")
+    return _DECODE(job)
+
+
+def test_decoding_workers_ignore_ctrl_c(tmp_path, monkeypatch):
+    """Ctrl-C reaches the workers too: each printed a traceback under the Trainer's one-line
+    message. They ignore it; the parent stops them."""
+    paths = _copies(tmp_path, 1030)
+    monkeypatch.setattr(dataloader, "_decode_chunk", _decode_if_sigint_ignored)
+    assert dataloader.read_images(paths, 4, 8, workers=2).shape == (1030, 3, 4, 8)
+
+
+def test_dataset_root_that_is_a_file(tmp_path):
+    root = tmp_path / "DR"
+    root.write_text("not a folder")
+    with pytest.raises(DataError, match=r"dataset root .*DR is a file; point --DR at the folder"):
+        TrainWindows(root, video_len=2, cache=False)

@@ -261,6 +261,16 @@ def test_bench_json(capsys, monkeypatch):
     assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
+def test_bench_ctrl_c_is_one_line(capsys, monkeypatch):
+    from scripts import bench
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(bench, "build_model", interrupted)
+    assert bench.main(["--device", "cpu"]) == 130
+    assert capsys.readouterr().err == "error: interrupted; no figures (they are printed when every round is done)\n"
+
+
 def test_bench_times_the_warp_loss(capsys, monkeypatch):
     """--warp_loss reaches every training pass the benchmark runs (the Trainer's loss; it was
     refused as an unknown flag), and is refused without --warp as the Trainer refuses it."""

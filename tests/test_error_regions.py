@@ -83,3 +83,32 @@ def test_test_len_zero_or_one_frame_is_refused(tiny_dance, tmp_path, capsys):
     out = capsys.readouterr()
     assert "nan" not in out.out and out.err.count("\n") == 1
     assert out.err.startswith(f"error: {dr}: its test sequences have 1 frame") and "--test_len 2 or more" in out.err
+
+
+def test_damaged_dataset_description_and_extra_sequences(tiny_dance, tmp_path, capsys):
+    """A dataset.json cut short, and a test sequence folder the generator did not write, were
+    tracebacks (JSONDecodeError, IndexError)."""
+    dr = tmp_path / "DR"
+    shutil.copytree(tiny_dance, dr)
+    marker = dr / "dataset.json"
+    text = marker.read_text()
+    marker.write_text(text[:len(text) // 2])
+    assert er.main(["--DR", str(dr)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {marker} does not describe a dataset written by scripts/make_dance_data.py")
+    assert err.count("\n") == 1
+    marker.write_text(text)
+    for kind in ("test_img", "test_label", "test_gt"):
+        shutil.copytree(dr / "test" / kind / "1", dr / "test" / kind / "7")
+    assert er.main(["--DR", str(dr)]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {dr}: test sequence(s) 7 are not among the 2 its dataset.json describes (added by "
+                   "hand?); the analysis renders each sequence again\n")
+
+
+def test_ctrl_c_is_one_line(tiny_dance, monkeypatch, capsys):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(er, "analyse", interrupted)
+    assert er.main(["--DR", str(tiny_dance)]) == 130
+    assert capsys.readouterr().err == "error: interrupted; nothing written\n"

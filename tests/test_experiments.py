@@ -207,3 +207,41 @@ def test_the_epoch_coin_is_marked_only_when_it_decides():
     assert plot_report.coin_off_epochs({"args": dict(args, tf_mode="frame"), "rows": rows}) == []
     assert plot_report.tf_label(dict(args, tf_mode="frame")) == "tfr 1, sde 0, step 0.5, per frame"
     assert plot_report.tf_label(args) == "tfr 1, sde 0, step 0.5"
+
+
+def test_a_run_that_wrote_nothing_does_not_hold_its_settings(tmp_path, monkeypatch, capsys):
+    """A mistyped Trainer flag after -- failed both runs; the corrected command was then refused
+    ("holds this run made with other settings"), though nothing had been trained in the folders.
+    A run with a checkpoint still is."""
+    run = run_experiments.GRIDS["tiny"]()[0]
+    calls = []
+
+    def fake_run_logged(cmd, log_path, **kw):  # the Trainer refusing its flags, without the processes
+        calls.append(cmd)
+        with open(log_path, "w") as f:
+            f.write("error: unrecognized arguments\n")
+        return 2, 0.1, False
+    monkeypatch.setattr(run_experiments, "run_logged", fake_run_logged)
+    out = str(tmp_path / "o")
+    assert run_experiments.run_one(run, out, 1, ["--batchsize", "2"], [], None) == "failed"
+    assert run_experiments.run_one(run, out, 1, ["--batch_size", "2"], [], None) == "failed"
+    err = capsys.readouterr().err
+    assert "other settings" not in err and err.count("Trainer failed (exit 2)") == 2
+    assert len(calls) == 2 and calls[1][-2:] == ["--batch_size", "2"]
+    assert json.load(open(os.path.join(out, run.name, "run.json")))["extra"] == ["--batch_size", "2"]
+    open(os.path.join(out, run.name, "last.ckpt"), "wb").close()  # now it holds a result of those settings
+    assert run_experiments.run_one(run, out, 1, ["--batch_size", "4"], [], None) == "failed"
+    assert "holds this run made with other settings (flags after -- --batch_size 2)" in capsys.readouterr().err
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("flag", ["--save_root", "--resume", "--ckpt_path", "--num_epoch"])
+def test_flags_the_runner_sets_are_refused_after_the_separator(tmp_path, capsys, flag):
+    """-- --save_root X trained the first run into X, then reported it had no epoch within its
+    budget, and failed the second (X already held checkpoints)."""
+    with pytest.raises(SystemExit) as exit_:
+        run_experiments.main(["--grid", "tiny", "--out", str(tmp_path / "o"), "--epochs", "1", "--", flag, "3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{flag} after --: the runner sets it for every run" in err
+    assert not (tmp_path / "o").exists()

@@ -243,3 +243,20 @@ def test_failed_json_write_leaves_no_temporary_file(tmp_path, monkeypatch, error
     with pytest.raises(type(error)):
         write_json(str(path), {"b": 2})
     assert os.listdir(tmp_path) == ["videos.json"] and json.loads(path.read_text()) == {"a": 1}
+
+
+def test_output_that_cannot_be_written_is_one_line(tmp_path, capsys):
+    """--out naming a file printed the bare OSError ("[Errno 17] File exists: ...")."""
+    taken = tmp_path / "afile"
+    taken.write_text("x")
+    assert mdd.main(["--out", str(taken / "sub"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {taken}") and "choose another --out" in err
+    assert err.count("\n") == 1
+
+
+def test_no_test_sequences_is_refused(tmp_path, capsys):
+    """--test_seqs 0 wrote a dataset the Tester cannot use (test not found)."""
+    assert mdd.main(["--out", str(tmp_path / "d"), "--test_seqs", "0", "--quiet"]) == 2
+    assert "--test_seqs must be at least 1" in capsys.readouterr().err
+    assert not (tmp_path / "d").exists()
