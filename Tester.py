@@ -7,6 +7,7 @@ The model is rebuilt from the checkpoint (no need to repeat its dims). Output is
 run for a given --seed.
 """
 import os
+import re
 import signal
 import sys
 import time
@@ -87,6 +88,11 @@ def run(args, written=None, given=()):
     prepare_model(model, speed)
     save_root = output_folder(args)
     writable_folder(save_root)
+    if args.no_gif:
+        stale = sorted(n for n in os.listdir(save_root) if re.fullmatch(r"(pred|pose)_seq.+\.gif|strip_seq.+\.png", n))
+        if stale:
+            print(f"note: {save_root} holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} from an earlier "
+                  "test; --no_gif writes none, so they are not this run's", flush=True)
     seqs = TestSequences(args.DR, args.frame_H, args.frame_W, test_len=args.test_len, cache=not args.no_cache,
                          split=args.split, workers=args.num_workers)
     H, W, L, K = args.frame_H, args.frame_W, args.test_len, args.num_samples

@@ -38,12 +38,13 @@ def load_run(path):
     if not rows:
         return None
 
-    def read(*parts):
+    def read(*parts):  # {} for a file that is missing, cut short or not a JSON object
         try:
             with open(os.path.join(path, *parts)) as f:
-                return json.load(f)
+                found = json.load(f)
         except (OSError, ValueError):
             return {}
+        return found if isinstance(found, dict) else {}
 
     record = read("run.json")
     # Should an epoch be logged twice (a run resumed by hand from an older checkpoint), keep the last.
@@ -178,7 +179,8 @@ def compare(items, title, path):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
     for ax, key in zip(axes[:2], ("loss", None)):
-        if all(v > 0 for _, r in items for v in series(r, key or recon_key(r))[1]):
+        values = [v for _, r in items for v in series(r, key or recon_key(r))[1]]
+        if values and all(v > 0 for v in values):  # (a log axis of no data is an error)
             log_y(ax)
     axes[2].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)

@@ -103,6 +103,19 @@ def test_tester_on_the_unseen_dancers(run, tmp_path, capsys):
     assert not (tmp_path / "ckpt" / "test").exists()
 
 
+def test_tester_no_gif_notes_the_gifs_of_an_earlier_test(run, tmp_path, capsys):
+    """A second test with --no_gif into the same folder left the first test's GIFs beside the new
+    submission.csv, silently."""
+    dr, save = run
+    argv = ["--ckpt_path", str(save / "best.ckpt"), "--DR", str(dr), "--save_root", str(tmp_path / "o"),
+            "--test_len", "20", "--device", "cpu"]
+    assert Tester.main(argv) == 0
+    assert "from an earlier test" not in capsys.readouterr().out
+    assert Tester.main(argv + ["--no_gif"]) == 0
+    out = capsys.readouterr().out
+    assert f"note: {tmp_path / 'o'} holds pose_seq0.gif, pose_seq1.gif, pred_seq0.gif ... from an earlier test" in out
+
+
 def test_tester_other_seed_changes_the_samples(run, tmp_path):
     dr, save = run
     csvs = []

@@ -169,6 +169,18 @@ def test_plotter_reads_a_run_without_a_readable_args_json(tmp_path):
     assert [c.strip() for c in row.split("|")[1:4]] == ["run", "?", "?"]
 
 
+def test_plotter_reads_hand_edited_files(tmp_path):
+    """args.json or run.json holding a list or a string, and rows without a loss, were tracebacks
+    (AttributeError; matplotlib refusing a log scale of no data)."""
+    rows = [{"epoch": e, "mse": 0.5 / e, "val_psnr": 20.0 + e} for e in (1, 2)]
+    run = fake_run(tmp_path / "run", rows)
+    (tmp_path / "run" / "args.json").write_text("[1, 2]")
+    (tmp_path / "run" / "run.json").write_text('"fixed"')
+    assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
+    row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
+    assert [c.strip() for c in row.split("|")[1:4]] == ["run", "?", "?"]
+
+
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
     """--out naming a file: one line and exit 2 from both scripts (were FileExistsError tracebacks)."""
     blocked = tmp_path / "a_file"
