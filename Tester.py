@@ -28,7 +28,7 @@ from modules.files import atomic_write, dump_json, outermost_missing, remove_emp
 from modules.engine import OutOfMemory, first_line, is_out_of_memory  # noqa: E402
 from modules.metrics import SSIM_WINDOW, drift, psnr, ssim  # noqa: E402
 from modules.options import (TESTER_IGNORED, ConfigError, check_tester, given_flags, tester_parser,  # noqa: E402
-                             writable_folder)
+                             writable_folder, write_failure_advice)
 from modules.runtime import prepare_model, resolve_speed, rollout, to_float  # noqa: E402
 from modules.visualize import save_gif, save_psnr_plot, save_strip  # noqa: E402
 
@@ -102,10 +102,13 @@ def run(args, written=None, given=()):
         print(f"note: z_mode {args.z_mode} ignores the noise, so the {K} rollouts are identical; "
               "use --z_mode sample for K different ones", flush=True)
 
-    # One noise draw for everything, from a CPU generator: the same z on any device.
+    # The noise of sample s of every sequence is drawn after that of samples 0..s-1, from one CPU
+    # generator: the same z on any device, and sample 0 the same whatever --num_samples.
     g = torch.Generator().manual_seed(args.seed)
     jobs = [(k, s) for k in range(len(seqs)) for s in range(K)]
-    eps_all = model.sample_noise(len(jobs), L, H, W, generator=g)  # (L-1, jobs, N, H, W)
+    noise = [model.sample_noise(len(seqs), L, H, W, generator=g) for _ in range(K)]  # K x (L-1, seqs, N, H, W)
+    eps_all = noise[0] if K == 1 else torch.stack(noise, 2).flatten(1, 2)  # (L-1, jobs, N, H, W), jobs' order
+    del noise
     preds = {}
     t0 = time.time()
     for lo in range(0, len(jobs), args.batch_size):
@@ -142,8 +145,12 @@ def run(args, written=None, given=()):
             rows["predicted"] = videos[k]
             write_output(os.path.join(save_root, f"strip_seq{seq['name']}.png"), lambda p: save_strip(rows, p), written)
 
-    results = {"sequences": [], "generation_s": gen_s, "args": {k: v for k, v in vars(args).items()
-                                                                 if isinstance(v, (int, float, str, bool, type(None)))}}
+    # The Tester's own flags, and the model as rebuilt from the checkpoint (the model flags of the
+    # command line take no effect, so they are not recorded).
+    results = {"sequences": [], "generation_s": gen_s,
+               "args": {k: v for k, v in vars(args).items()
+                        if isinstance(v, (int, float, str, bool, type(None))) and k not in TESTER_IGNORED},
+               "model": {k: v for k, v in margs.items() if isinstance(v, (int, float, str, bool, type(None)))}}
     if all(seq["gt"] is not None for seq in seqs):
         print(f"\n{'seq':>6} | {'PSNR':>7} | {'best-of-%d' % K if K > 1 else '':>9} | {'SSIM':>6} | copy-first")
         curves = {}
@@ -212,8 +219,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk filled up, or the output folder vanished or turned read-only
-        print(f"error: {e.filename or args.save_root or 'output'}: {e.strerror or e}; free space or choose another "
-              f"--save_root ({what_was_written(written)})", file=sys.stderr)
+        print(f"error: {e.filename or args.save_root or 'output'}: {e.strerror or e}; {write_failure_advice(e)} "
+              f"({what_was_written(written)})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"error: interrupted; {what_was_written(written)}", file=sys.stderr)

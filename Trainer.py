@@ -33,7 +33,8 @@ from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, lo
 from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, first_line,  # noqa: E402
                             is_out_of_memory, train_one_epoch, validate)
 from modules.files import atomic_write, outermost_missing, remove_empty_folders, write_json  # noqa: E402
-from modules.options import ConfigError, check_trainer, given_flags, trainer_parser, writable_folder  # noqa: E402
+from modules.options import (ConfigError, check_trainer, given_flags, trainer_parser, writable_folder,  # noqa: E402
+                             write_failure_advice)
 from modules.runtime import prepare_model, resolve_speed  # noqa: E402
 from modules.schedules import kl_schedule_note  # noqa: E402
 from modules.visualize import psnr_figure, save_gif, save_psnr_plot, side_by_side  # noqa: E402
@@ -193,6 +194,28 @@ def spike_note(recon_name, recon, lowest, best_psnr, best_path, over="the epoch'
             f"so far ({lowest:.3g}): training diverged; {kept}. A lower --lr usually avoids it.")
 
 
+def claim_run_folder(save_root):
+    """Lock the run folder for as long as this process holds the returned descriptor (the system
+    drops the lock when the process ends, however it ends): a second Trainer on the same folder
+    would write over this run's checkpoints and metrics.jsonl. None where locks are not available."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no guard
+        return None
+    fd = os.open(save_root, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise ConfigError(f"another Trainer is writing to {save_root} (a run in progress there, or the processes "
+                          "of a stopped torchrun job that still run); wait for it to end, or choose another "
+                          "--save_root") from None
+    except OSError:  # a file system without locks
+        os.close(fd)
+        return None
+    return fd
+
+
 def new_run_folder():
     """runs/<timestamp>, claimed with an exclusive mkdir: a second run started in the same second
     gets runs/<timestamp>-2 rather than the first run's folder."""
@@ -329,6 +352,19 @@ def log_epoch(writer, row, val):
     writer.flush()
 
 
+def save_visualization(save_root, epoch, val):
+    """--store_visualization's GIF and PSNR plot of a validation, written whole or not at all after
+    the epoch's checkpoints: optional outputs, so a failure to write them is told and training goes
+    on (a full disk then stops the run at its next checkpoint, with the epochs before it saved)."""
+    outputs = ((f"val_epoch{epoch}.gif", lambda p: save_gif(side_by_side(val["pred"], val["gt"]), p)),
+               (f"val_psnr_epoch{epoch}.png", lambda p: save_psnr_plot({"val": val["psnr_per_frame"]}, p)))
+    for name, write in outputs:
+        try:
+            atomic_write(os.path.join(save_root, name), write, keep_ext=True)
+        except OSError as e:
+            print(f"note: cannot write {name} in {save_root} ({e.strerror or e}); training goes on", flush=True)
+
+
 def run(args):
     d = distributed.setup(args)
     stop = StopRequest(verbose=d.is_main)
@@ -344,8 +380,9 @@ def run(args):
             clean = top is not None
         elif not args.ckpt_path:
             top, clean = outermost_missing("runs"), True
+    claimed = []  # the run folder's lock (claim_run_folder), held until the run ends
     try:
-        return _train(args, d, stop)
+        return _train(args, d, stop, claimed)
     except OutOfMemory:
         # Under torchrun only this rank failed: the others wait in a collective it will never
         # join, so it exits without the group's goodbye (torchrun then stops them).
@@ -353,19 +390,23 @@ def run(args):
         raise
     finally:
         stop.uninstall()
+        for fd in claimed:
+            os.close(fd)
         if clean and args.save_root:
             remove_empty_folders(args.save_root, top or args.save_root)
         if leave_group:
             distributed.cleanup(d)
 
 
-def _train(args, d, stop):
+def _train(args, d, stop, claimed):
     torch.manual_seed(args.seed + d.rank)
     speed = resolve_speed(args)
     refused = None
     if d.is_main:
         try:
             plan_save_root(args)
+            if not args.test:
+                claimed += [fd for fd in [claim_run_folder(args.save_root)] if fd is not None]
         except ConfigError as e:
             refused = e  # sent to every rank, so all stop with the message instead of a broken pipe
     refused, args.save_root, args.ckpt_path = d.broadcast_object((refused, args.save_root, args.ckpt_path))
@@ -423,7 +464,9 @@ def _train(args, d, stop):
             where = f"epoch {start_epoch + 1}" + (f", step {progress['step']}" if progress else "")
             print(f"Resuming {args.ckpt_path} at {where}", flush=True)
     elif ckpt is not None and d.is_main:
-        print(f"Starting from the weights in {args.ckpt_path} (no optimizer state in it)", flush=True)
+        why = ("a checkpoint of the lab's code: its optimizer state and epoch are not continued"
+               if ckpt.get("lab_format") else "no optimizer state in it")
+        print(f"Starting from the weights in {args.ckpt_path} ({why})", flush=True)
 
     train_model = model
     if d.enabled:
@@ -540,9 +583,6 @@ def _train(args, d, stop):
             # scripts/plot_report.py needs nothing but metrics.jsonl.
             row.update(val_psnr=val["psnr"], val_loss=val["loss"],
                        val_psnr_per_frame=[round(x, 3) for x in val["psnr_per_frame"]])
-            if args.store_visualization:
-                save_gif(side_by_side(val["pred"], val["gt"]), os.path.join(args.save_root, f"val_epoch{epoch + 1}.gif"))
-                save_psnr_plot({"val": val["psnr_per_frame"]}, os.path.join(args.save_root, f"val_psnr_epoch{epoch + 1}.png"))
         if d.is_main:
             is_best = val is not None and val["psnr"] > best_psnr
             if is_best:
@@ -561,6 +601,8 @@ def _train(args, d, stop):
                 save_checkpoint(os.path.join(args.save_root, f"epoch_{epoch + 1}.ckpt"), state)
             save_checkpoint(last, state)
             log_epoch(writer, row, val)
+            if args.store_visualization and val is not None:
+                save_visualization(args.save_root, epoch + 1, val)
             vtxt = f" | val PSNR {val['psnr']:.2f} dB{' (best)' if is_best else ''}" if val else ""
             tftxt = f"tfr {row['tfr']:.2f} | " if args.condition == "previous" else ""  # else moot
             print(f"epoch {epoch + 1}/{args.num_epoch} | loss {row['loss']:.4g} | {args.recon} "
@@ -608,8 +650,8 @@ def main(argv=None):
         print(f"error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the disk filled up, or a folder vanished or turned read-only mid-run
-        print(f"error: {e.filename or args.save_root}: {e.strerror or e}; free space or choose another "
-              "--save_root (checkpoints already written are intact)", file=sys.stderr)
+        print(f"error: {e.filename or args.save_root}: {e.strerror or e}; {write_failure_advice(e)} "
+              "(checkpoints already written are intact)", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if not distributed.lost_peer(e):
@@ -617,15 +659,22 @@ def main(argv=None):
         print(f"error: another process of this torchrun job stopped ({first_line(e)}); its "
               "own error line says why. Checkpoints already written are intact", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # a second Ctrl-C, or one before training started
+    except KeyboardInterrupt as e:  # a second Ctrl-C, or Ctrl-C or SIGTERM before training started
         last = os.path.join(args.save_root or "", "last.ckpt")
         where = (f"resume from the last checkpoint with: python Trainer.py --resume {args.save_root}"
                  if args.save_root and os.path.isfile(last) else "no checkpoint was written")
         print(f"error: interrupted; {where}", file=sys.stderr)
-        return 130
+        return 143 if e.args == ("SIGTERM",) else 130
+
+
+def terminated(signum, frame):
+    """SIGTERM while the run sets up (dataset decoding, the model) ends it like Ctrl-C: one line, and
+    the empty run folder removed. From the first step on, StopRequest takes over: it saves first."""
+    raise KeyboardInterrupt("SIGTERM")
 
 
 if __name__ == "__main__":
     if QUIET_IMPORT:
         signal.signal(signal.SIGINT, signal.default_int_handler)  # main() handles Ctrl-C from here
+    signal.signal(signal.SIGTERM, terminated)
     sys.exit(main())

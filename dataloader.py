@@ -151,6 +151,15 @@ def _decode_chunk(job):
     return np.stack([read_image(p, frame_H, frame_W) for p in paths])
 
 
+def _worker_signals():
+    """Ctrl-C reaches the whole process group: a decoding worker ignores it, and the parent, which
+    stops the workers on its KeyboardInterrupt, reports it (else each worker prints a traceback).
+    SIGTERM, which is how the parent stops them, ends a worker at once (a forked worker inherits the
+    Trainer's handler, which would make it a KeyboardInterrupt traceback too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
 def read_images(paths, frame_H, frame_W, workers=None):
     """Decode many images into uint8 (N, 3, H, W), in worker processes when there are many (at most
     `workers`, default one per CPU core; 0 or 1: in this process).
@@ -168,9 +177,7 @@ def read_images(paths, frame_H, frame_W, workers=None):
             out[lo:lo + len(job[0])] = _decode_chunk(job)
     else:
         ctx = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else None)
-        # Ctrl-C reaches the whole process group: the workers ignore it and the parent, which
-        # stops them on its KeyboardInterrupt, reports it (else each worker prints a traceback).
-        with ctx.Pool(workers, initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN)) as pool:
+        with ctx.Pool(workers, initializer=_worker_signals) as pool:
             for lo, arr in zip(range(0, len(paths), step), pool.imap(_decode_chunk, jobs)):
                 out[lo:lo + len(arr)] = arr
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()

@@ -8,6 +8,7 @@ Checkpoints written by lab code ({"state_dict": ..., "optimizer": ..., ...}) loa
 import errno
 import os
 import pickle
+import shutil
 
 import torch
 
@@ -37,6 +38,13 @@ def save_checkpoint(path, state):
     except OSError as e:
         why = "the disk is full" if e.errno == errno.ENOSPC else (e.strerror or str(e))
         raise CheckpointError(f"cannot write checkpoint {path}: {why}; free space or choose another "
+                              "--save_root (earlier checkpoints are untouched)") from None
+    except RuntimeError as e:
+        # torch.save's zip writer reports a failed write (a disk that fills up mid-file) as a
+        # RuntimeError ("unexpected pos ...") rather than the OSError underneath.
+        free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
+        raise CheckpointError(f"cannot write checkpoint {path}: the write failed ({str(e).splitlines()[0][:120]}) "
+                              f"with {free / 2**20:.1f} MB free on its disk; free space or choose another "
                               "--save_root (earlier checkpoints are untouched)") from None
 
 

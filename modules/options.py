@@ -1,6 +1,7 @@
 """The one argument builder. Trainer.py and Tester.py build their parsers from these parents, so a
 flag is declared once. Flag names and defaults are the lab's; additions follow the same style."""
 import argparse
+import errno
 import math
 import os
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
@@ -354,12 +355,22 @@ def given_flags(make_parser, argv, known_only=False):
 
 def writable_folder(path, flag="--save_root"):
     """Create `path` if needed and check that a file can be written in it. Raises ConfigError."""
+    probe = os.path.join(path, f".write_test{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".write_test{os.getpid()}")
         with open(probe, "w") as f:
             f.write("ok")
-        os.remove(probe)
     except OSError as e:
         raise ConfigError(f"{flag} {path} is not writable ({e.strerror or e}); choose another folder") from None
+    finally:
+        try:  # also where the file was made but its write failed (a full disk)
+            os.remove(probe)
+        except OSError:
+            pass
     return path
+
+
+def write_failure_advice(e):
+    """What to do about an OSError from writing outputs: room on a full disk, else another folder."""
+    return ("free space or choose another --save_root" if e.errno in (errno.ENOSPC, errno.EDQUOT)
+            else "choose another --save_root")

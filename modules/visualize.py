@@ -1,6 +1,6 @@
 """GIFs and figures. matplotlib is imported lazily and with the Agg backend (no display)."""
 
-import imageio.v2 as imageio
+import imageio.v3 as iio
 import numpy as np
 import torch
 
@@ -15,7 +15,11 @@ def save_gif(frames, path, fps=20, scale=2):
     arr = to_uint8(frames)
     if scale > 1:
         arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
-    imageio.mimsave(path, list(arr), duration=1000 / fps, loop=0)
+    # Encoded in memory, then written: a write that fails (a full disk) is one OSError, where
+    # imageio's file writer failed again from its finaliser with a second traceback.
+    data = iio.imwrite("<bytes>", arr, extension=".gif", duration=1000 / fps, loop=0)
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def side_by_side(*videos):
@@ -43,8 +47,10 @@ def psnr_figure(curves, title="PSNR per frame"):
 def save_psnr_plot(curves, path, title="PSNR per frame"):
     import matplotlib.pyplot as plt
     fig = psnr_figure(curves, title)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
     return path
 
 

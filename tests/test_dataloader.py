@@ -385,15 +385,21 @@ def _decode_if_sigint_ignored(job):
     fails unless the worker ignores SIGINT."""
     if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
         raise RuntimeError("worker does not ignore SIGINT")
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        raise RuntimeError("worker does not end on SIGTERM")
     return _DECODE(job)
 
 
 def test_decoding_workers_ignore_ctrl_c(tmp_path, monkeypatch):
     """Ctrl-C reaches the workers too: each printed a traceback under the Trainer's one-line
-    message. They ignore it; the parent stops them."""
+    message. They ignore it; the parent stops them, with SIGTERM, which ends them at once."""
     paths = _copies(tmp_path, 1030)
     monkeypatch.setattr(dataloader, "_decode_chunk", _decode_if_sigint_ignored)
-    assert dataloader.read_images(paths, 4, 8, workers=2).shape == (1030, 3, 4, 8)
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)  # as Trainer.py's, which workers inherit
+    try:
+        assert dataloader.read_images(paths, 4, 8, workers=2).shape == (1030, 3, 4, 8)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_dataset_root_that_is_a_file(tmp_path):

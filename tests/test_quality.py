@@ -209,6 +209,22 @@ def test_tester_sampling_modes_and_best_of_k(learned_run, capsys):
     assert any(s["best_of_k_psnr"] > s["psnr"] + 1e-6 for s in results["sample"]["sequences"])
 
 
+def test_sample_zero_does_not_depend_on_num_samples(learned_run, tmp_path):
+    """--num_samples 3 drew the noise of all rollouts in one tensor, so the first sample of each
+    sequence (the one submission.csv holds) differed from that of --num_samples 1 with the same seed."""
+    dr, run = learned_run
+    base = ["--DR", str(dr), "--ckpt_path", str(run / "best.ckpt"), "--device", "cpu", "--amp", "off",
+            "--test_len", "20", "--no_gif"]
+    csv = {}
+    for k in (1, 3):
+        assert Tester.main([*base, "--num_samples", str(k), "--save_root", str(tmp_path / f"k{k}")]) == 0
+        csv[k] = (tmp_path / f"k{k}" / "submission.csv").read_bytes()
+        res = json.loads((tmp_path / f"k{k}" / "results.json").read_text())
+        assert res["model"]["prior"] == "learned" and res["model"]["F_dim"] == int(TINY[TINY.index("--F_dim") + 1])
+        assert "F_dim" not in res["args"]  # the command line's model flags take no effect
+    assert csv[1] == csv[3]
+
+
 def test_first_frame_conditioning_with_its_pose_trains_and_tests(tiny_dance, tmp_path):
     """--condition first --residual --first_frame_from video --first_pose: the Trainer writes the
     option and pose_fusion's weights, learns them, and the Tester rebuilds the model from the

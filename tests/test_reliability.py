@@ -452,7 +452,7 @@ def test_disk_full_in_the_tester_leaves_no_temporary_file(tester_run, monkeypatc
 
 # ----------------------------------------------------------------------------- disk, folders
 
-@pytest.mark.parametrize("fault", ["disk full mid-write", "folder turned read-only"])
+@pytest.mark.parametrize("fault", ["disk full mid-write", "folder turned read-only", "writer error"])
 def test_failed_checkpoint_write_keeps_earlier_checkpoints(baseline, tmp_path, monkeypatch, capsys, fault):
     run = str(tmp_path / "run")
     shutil.copytree(baseline, run)
@@ -464,6 +464,17 @@ def test_failed_checkpoint_write_keeps_earlier_checkpoints(baseline, tmp_path, m
             if ".ckpt.tmp" in str(getattr(f, "name", f)):
                 f.write(b"PK\x03\x04 half a checkpoint")
                 raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_save(obj, f, *a, **kw)
+        monkeypatch.setattr(torch, "save", save)
+    elif fault == "writer error":
+        # On a disk that is full already, torch.save's zip writer fails with a RuntimeError (not an
+        # OSError): it was a traceback.
+        real_save, expect = torch.save, r"the write failed \(\[enforce fail at inline_container.cc:672\] . unexpected pos 64 vs 0\) with [\d.]+ MB free on its disk"
+
+        def save(obj, f, *a, **kw):
+            if ".ckpt.tmp" in str(getattr(f, "name", f)):
+                f.write(b"PK\x03\x04")
+                raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
             return real_save(obj, f, *a, **kw)
         monkeypatch.setattr(torch, "save", save)
     else:
@@ -670,6 +681,99 @@ def test_done_line_names_a_checkpoint_that_exists(dr, tmp_path, monkeypatch, cap
     # The Tester does not read the dataset from the checkpoint: the command names it, and the
     # length of its test sequences (20 here; the Tester's default is the lab's 630).
     assert found.group(2).split() == ["--DR", dr, "--test_len", "20"]
+
+
+def test_a_visualization_that_cannot_be_written_does_not_stop_the_run(dr, tmp_path, monkeypatch, capsys):
+    """--store_visualization's GIF was written before the epoch's checkpoints, in place: a full
+    disk left a cut GIF and lost the epoch just trained."""
+    def full(frames, path, *a, **kw):
+        with open(path, "wb") as f:
+            f.write(b"GIF89a")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+    monkeypatch.setattr(Trainer, "save_gif", full)
+    run = tmp_path / "run"
+    assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "1", "--store_visualization", "--save_root", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert f"note: cannot write val_epoch1.gif in {run} ({os.strerror(errno.ENOSPC)}); training goes on" in out
+    names = os.listdir(run)
+    assert "last.ckpt" in names and "val_psnr_epoch1.png" in names
+    assert not [n for n in names if n.endswith(".gif") or ".tmp" in n]
+
+
+def test_gif_on_a_full_disk_is_one_error(tmp_path, monkeypatch):
+    """imageio's GIF writer, failing on a full disk, failed again from its finaliser ("Exception
+    ignored in: PluginV3.__del__" and a second traceback on stderr)."""
+    import gc
+    from modules.visualize import save_gif
+    ignored = []
+    monkeypatch.setattr(sys, "unraisablehook", ignored.append)  # where "Exception ignored" goes
+    path = tmp_path / "full.gif"
+    path.symlink_to("/dev/full")  # every write to it fails with ENOSPC
+    with pytest.raises(OSError) as e:
+        save_gif(torch.rand(4, 3, 8, 16), str(path))
+    assert e.value.errno == errno.ENOSPC
+    del e  # its traceback holds the writer
+    gc.collect()
+    assert ignored == []
+
+
+def test_two_trainers_on_one_folder(dr, tmp_path, capsys):
+    """Two runs started on the same --save_root both ran: one's checkpoints over the other's, their
+    rows mixed in metrics.jsonl, and each reported its own best for the other's best.ckpt."""
+    run = tmp_path / "run"
+    run.mkdir()
+    held = Trainer.claim_run_folder(str(run))  # as another process's run does while it trains
+    try:
+        assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "1", "--save_root", str(run)]) == 2
+        line = error_line(capsys.readouterr().err)
+        assert line == (f"error: another Trainer is writing to {run} (a run in progress there, or the processes of a "
+                        "stopped torchrun job that still run); wait for it to end, or choose another --save_root")
+        assert os.listdir(run) == []
+    finally:
+        os.close(held)
+    assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "1", "--save_root", str(run)]) == 0
+    assert Trainer.main(["--resume", str(run), "--num_epoch", "2"]) == 0  # the lock went with the run
+    assert sorted(os.listdir(run)).count("last.ckpt") == 1 and not [n for n in os.listdir(run) if n.startswith(".")]
+
+
+def test_sigterm_before_training_exits_cleanly(dr, tmp_path, monkeypatch, capsys):
+    """SIGTERM while the data were decoded ended the process with no message and left the empty run
+    folder; it ends like Ctrl-C now (StopRequest takes it over from the first step)."""
+    def terminated(*a, **kw):
+        Trainer.terminated(signal.SIGTERM, None)
+    monkeypatch.setattr(Trainer, "TrainWindows", terminated)
+    assert Trainer.main(["--DR", dr, *TINY, "--save_root", str(tmp_path / "run")]) == 143
+    assert "interrupted; no checkpoint was written" in error_line(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_write_probe_is_removed_when_its_write_fails(tmp_path, monkeypatch):
+    """On a full disk the probe file is created but its write fails: it was left behind, one per try."""
+    from modules import options
+    real_open = open
+
+    class Full:
+        def __init__(self, path):
+            self.f = real_open(path, "w")
+
+        def __enter__(self):
+            return self
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __exit__(self, *exc):
+            self.f.close()
+    monkeypatch.setattr(options, "open", lambda path, mode="r": Full(path), raising=False)
+    with pytest.raises(options.ConfigError, match="is not writable"):
+        options.writable_folder(str(tmp_path / "out"))
+    assert os.listdir(tmp_path / "out") == []
+
+
+def test_write_failure_advice():
+    from modules.options import write_failure_advice
+    assert write_failure_advice(OSError(errno.ENOSPC, "full")) == "free space or choose another --save_root"
+    assert write_failure_advice(OSError(errno.EROFS, "read-only")) == "choose another --save_root"
 
 
 def test_new_run_folders_never_collide(tmp_path, monkeypatch):
