@@ -15,7 +15,7 @@ source scripts/setup_env.sh
 export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
 
 # A smaller dataset than the default (4,000 training frames; 2 test sequences of 200 frames), so
-# that the whole run fits in about a quarter of an hour on 2 cores.
+# that the whole run, set-up included, takes about 10 minutes on 2 cores (README).
 DR=data/quickstart
 TEST_LEN=200
 RUN=runs/quickstart
