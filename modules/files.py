@@ -7,7 +7,7 @@ def atomic_write(path, write, keep_ext=False):
     """write(tmp) to a temporary file beside `path`, then rename it to `path`: an interruption or a
     full disk leaves the previous file whole and no temporary file behind (the exception goes on).
     keep_ext ends the temporary name with path's extension, for writers that pick the format from
-    it (imageio, matplotlib, PIL); a checkpoint's does not end in .ckpt, so a reader never takes it
+    it (matplotlib, PIL); a checkpoint's does not end in .ckpt, so a reader never takes it
     for one."""
     tmp = f"{path}.tmp{os.getpid()}" + (os.path.splitext(path)[1] if keep_ext else "")
     try:

@@ -1,8 +1,10 @@
 """GIFs and figures. matplotlib is imported lazily and with the Agg backend (no display)."""
 
-import imageio.v3 as iio
+import io
+
 import numpy as np
 import torch
+from PIL import Image
 
 
 def to_uint8(frames):
@@ -15,11 +17,14 @@ def save_gif(frames, path, fps=20, scale=2):
     arr = to_uint8(frames)
     if scale > 1:
         arr = arr.repeat(scale, axis=1).repeat(scale, axis=2)
-    # Encoded in memory, then written: a write that fails (a full disk) is one OSError, where
-    # imageio's file writer failed again from its finaliser with a second traceback.
-    data = iio.imwrite("<bytes>", arr, extension=".gif", duration=1000 / fps, loop=0)
+    # Pillow's GIF encoder (the one imageio calls, same bytes), into memory, then written: a write
+    # that fails (a full disk) is one OSError, where imageio's file writer failed again from its
+    # finaliser with a second traceback.
+    images = [Image.fromarray(a) for a in arr]
+    data = io.BytesIO()
+    images[0].save(data, format="GIF", save_all=True, append_images=images[1:], duration=1000 / fps, loop=0)
     with open(path, "wb") as f:
-        f.write(data)
+        f.write(data.getvalue())
 
 
 def side_by_side(*videos):
