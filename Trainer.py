@@ -186,7 +186,9 @@ def spike_note(recon_name, recon, lowest, best_psnr, best_path, over="the epoch'
     """A line telling that training diverged (a run at learning rate 1e-3, batch 64, went from an
     MSE of 7e-4 to 2e5 in one epoch and never came back), or None. Finite losses are not skipped
     like NaN ones, so without it the only sign is the number. `over` names what recon averages."""
-    if lowest is None or not (recon > SPIKE * lowest):  # NaN epochs are told of step by step
+    # NaN epochs are told of step by step; a lowest of 0 (a perfect fit, or float32 rounding of a
+    # sum) is no scale to compare with.
+    if lowest is None or not lowest > 0 or not (recon > SPIKE * lowest):
         return None
     kept = (f"{best_path} keeps the best validated model ({best_psnr:.2f} dB)" if os.path.isfile(best_path)
             else "no model has been validated yet")

@@ -161,7 +161,9 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
                desc=f"epoch {epoch + 1}/{args.num_epoch}", dynamic_ncols=True, leave=False)
     train_model.train()
     step = start
-    logged = sums.clone()  # sums at the previous log point
+    # The same sums since the last log point, kept apart: differences of the running sums lose
+    # the small errors that follow a spike (float32; a window of 0 was then the lowest).
+    window = torch.zeros_like(sums)
     for step in range(steps_per_epoch):
         tf = coins.draw(T - 1)  # drawn for skipped steps too, so the stream stays aligned
         if step < start:
@@ -216,13 +218,16 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
         nan_run = 0
         optimizer.step()
         b = float(img.shape[0])  # loss, recon and kl are means over the step's windows
-        sums += torch.stack([loss.detach().float() * b, out["recon"].detach().float() * b,
-                             out["kl"].detach().float() * b, torch.full((), b, device=speed.device)])
+        contrib = torch.stack([loss.detach().float() * b, out["recon"].detach().float() * b,
+                               out["kl"].detach().float() * b, torch.full((), b, device=speed.device)])
+        sums += contrib
+        window += contrib
         bar.update(1)
         if is_main and (step + 1) % args.log_every == 0:
             s = (sums[:3] / sums[3].clamp_min(1)).tolist()
             if watch is not None:
-                since, logged = (sums - logged).tolist(), sums.clone()
+                since = window.tolist()
+                window.zero_()
                 if since[3] > 0:  # not every step since was skipped
                     watch(since[1] / since[3])
             tf_shown = {"tfr": f"{tfr:.2f}"} if getattr(args, "condition", "previous") == "previous" else {}

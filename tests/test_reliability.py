@@ -330,6 +330,33 @@ def test_a_loss_spike_in_the_first_epoch_is_told_at_the_next_log_point(dr, tmp_p
     assert out.index(notes[0]) < out.index("epoch 1/1 |")  # told before the epoch ended
 
 
+def test_small_errors_after_a_spike_are_measured_exactly(dr, tmp_path, monkeypatch, capsys):
+    """The error of a log window was the difference of two running float32 sums: after one huge
+    step the small steps that followed came out as 0, 0 became the lowest window, and the next
+    spike divided by it (ZeroDivisionError, a 12-epoch CPU run stopped in its fifth epoch)."""
+    forward, calls, seen = VAE_Model.forward, [], []
+
+    def spiked(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        calls.append(1)
+        return dict(out, loss=out["loss"] * 1e12, recon=out["recon"] * 1e12) if len(calls) in (3, 5) else out
+    monkeypatch.setattr(VAE_Model, "forward", spiked)
+    real_note = Trainer.spike_note
+
+    def note(recon_name, recon, lowest, *a, **kw):
+        seen.append((recon, lowest))
+        return real_note(recon_name, recon, lowest, *a, **kw)
+    monkeypatch.setattr(Trainer, "spike_note", note)
+    run = str(tmp_path / "run")
+    assert Trainer.main(["--DR", dr, *SHORT, "--partial", "1", "--num_epoch", "1", "--log_every", "1",
+                         "--save_root", run]) == 0
+    windows = [recon for recon, _ in seen][:12]  # one per step, then the epoch's
+    assert len(seen) == 13 and windows[2] > 1e9 and windows[4] > 1e9
+    assert all(0 < w < 1 for i, w in enumerate(windows) if i not in (2, 4))  # none lost to rounding
+    assert Trainer.spike_note("mse", 1.0, 0.0, 30.0, run) is None  # no scale to compare with
+    assert sum(l.startswith("note: the last step's training mse") for l in capsys.readouterr().out.splitlines()) == 1
+
+
 # ----------------------------------------------------------------------------- out of memory
 
 @pytest.mark.parametrize("error", [
