@@ -43,7 +43,7 @@ def save_checkpoint(path, state):
         # torch.save's zip writer reports a failed write (a disk that fills up mid-file) as a
         # RuntimeError ("unexpected pos ...") rather than the OSError underneath.
         free = shutil.disk_usage(os.path.dirname(os.path.abspath(path))).free
-        raise CheckpointError(f"cannot write checkpoint {path}: the write failed ({str(e).splitlines()[0][:120]}) "
+        raise CheckpointError(f"cannot write checkpoint {path}: the write failed ({(str(e).splitlines() or [type(e).__name__])[0][:120]}) "
                               f"with {free / 2**20:.1f} MB free on its disk; free space or choose another "
                               "--save_root (earlier checkpoints are untouched)") from None
 

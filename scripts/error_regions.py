@@ -100,6 +100,10 @@ def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
     H, W = 32, 64
     L = made["test_len"] if test_len is None else test_len
     seqs = TestSequences(root, H, W, test_len=L, cache=False)
+    extra = [seq["name"] for seq in seqs if not 0 <= int(seq["name"]) < len(tests)]
+    if extra:
+        raise DataError(f"{root}: test sequence(s) {', '.join(extra)} are not among the {len(tests)} its "
+                        f"{MARKER} describes (added by hand?); the analysis renders each sequence again")
     preds = None
     if ckpt_path:
         from Tester import load_model
@@ -116,10 +120,6 @@ def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
         out = rollout(model, to_float(first, speed), to_float(labels, speed), eps.to(speed.device), speed)
         preds = out.permute(0, 1, 3, 4, 2).cpu().numpy()
     rows, curves = [], {}
-    extra = [seq["name"] for seq in seqs if not 0 <= int(seq["name"]) < len(tests)]
-    if extra:
-        raise DataError(f"{root}: test sequence(s) {', '.join(extra)} are not among the {len(tests)} its "
-                        f"{MARKER} describes (added by hand?); the analysis renders each sequence again")
     for k, seq in enumerate(seqs):
         frames, masks = regions(Video(**tests[int(seq["name"])]["video"]), L, H, W)
         if seq["gt"] is None or not np.array_equal(np.rint(frames * 255), seq["gt"].permute(0, 2, 3, 1).numpy()):
