@@ -241,7 +241,9 @@ def run_one(run, out, num_epoch, extra, test_extra, limit_s, index=0, epochs_giv
     os.makedirs(save_root, exist_ok=True)
     record_path = os.path.join(save_root, RUN_FILE)
     record = read_json(record_path, {})
-    if not epochs_done(save_root) and not any(f.endswith(".ckpt") for f in os.listdir(save_root)):
+    done = epochs_done(save_root)
+    have_ckpt = any(f.endswith(".ckpt") for f in os.listdir(save_root))
+    if not done and not have_ckpt:
         # It wrote nothing (e.g. the Trainer refused a mistyped flag): no result stands for its
         # settings, so this invocation's replace them.
         record = {}
@@ -260,8 +262,6 @@ def run_one(run, out, num_epoch, extra, test_extra, limit_s, index=0, epochs_giv
     record.setdefault("num_epoch", num_epoch)  # a resumed run keeps the schedule it started with
     num_epoch = record["num_epoch"]
 
-    done = epochs_done(save_root)
-    have_ckpt = any(f.endswith(".ckpt") for f in os.listdir(save_root))
     # Training time already spent counts against the budget: a run stopped by it is not resumed
     # unless a larger --minutes is given.
     left = None if limit_s is None else limit_s - record.get("train_s", 0.0)
