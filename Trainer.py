@@ -30,8 +30,8 @@ from modules.model import build_model  # noqa: E402
 from modules import distributed  # noqa: E402
 from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,  # noqa: E402
                                 load_model_weights, rng_state, save_checkpoint, set_rng_state)
-from modules.engine import (OutOfMemory, TrainingDiverged, WindowBatches, epoch_settings, first_line,  # noqa: E402
-                            is_out_of_memory, train_one_epoch, validate)
+from modules.engine import (OutOfMemory, SpikeGuard, TrainingDiverged, WindowBatches, epoch_settings,  # noqa: E402
+                            first_line, is_out_of_memory, train_one_epoch, validate)
 from modules.files import atomic_write, outermost_missing, remove_empty_folders, write_json  # noqa: E402
 from modules.options import (ConfigError, check_trainer, given_flags, trainer_parser, writable_folder,  # noqa: E402
                              write_failure_advice)
@@ -518,6 +518,7 @@ def _train(args, d, stop, claimed):
     # Where a failure before this run's first checkpoint leaves the user: at the checkpoint it started from.
     started_from = None if args.resume or not args.ckpt_path else args.ckpt_path
     nan_run = 0  # non-finite steps in a row, counted across epoch boundaries
+    guard = SpikeGuard(args.skip_spikes)  # its reference carries across epochs
     # The lowest training error of this process, per epoch and per log window (--log_every
     # steps): a window 100x its lowest tells of a divergence within the epoch, the first included.
     lowest, lowest_window, spike_noted = None, None, False
@@ -538,7 +539,8 @@ def _train(args, d, stop, claimed):
             row, finished, prog = train_one_epoch(
                 train_model, optimizer, batches, epoch, args, speed, params, resume=progress,
                 should_stop=lambda: d.any(stop.requested, speed.device), is_main=d.is_main,
-                all_reduce=d.sum if d.enabled else None, nan_run=nan_run, watch=watch if d.is_main else None)
+                all_reduce=d.sum if d.enabled else None, nan_run=nan_run, watch=watch if d.is_main else None,
+                guard=guard)
         except TrainingDiverged as e:
             if started_from is not None:
                 kept = (f"this run started from {started_from}, which is intact: start from it again with a lower "

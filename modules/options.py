@@ -155,6 +155,9 @@ def trainer_parser():
                         "frames in the backward pass, one time step at a time (about 10x less "
                         "activation memory for about a third more compute)")
     g.add_argument("--log_every", type=int, default=20, help="steps between progress-bar and log updates")
+    g.add_argument("--skip_spikes", type=float, default=10.0, metavar="K",
+                   help="skip an update whose gradient norm is over K times the recent average (one such "
+                        "update can spoil a run; 0 disables)")
     g.add_argument("--max_nan_steps", type=int, default=5,
                    help="stop after this many consecutive non-finite losses (each one is skipped)")
     g.add_argument("--lab_activation", action="store_true",
@@ -307,6 +310,9 @@ def check_trainer(args):
     for n in ("partial", "fast_partial"):
         if not 0.0 < getattr(args, n) <= 1.0:
             raise ConfigError(f"--{n} must lie in (0, 1], got {getattr(args, n)}")
+    if args.skip_spikes != 0 and not args.skip_spikes > 1:
+        raise ConfigError(f"--skip_spikes is 0 (off) or a factor above 1 (the default 10 skips an update whose "
+                          f"gradient norm is over 10x the recent average), got {args.skip_spikes:g}")
     if args.grad_clip < 0 or args.weight_decay < 0 or args.tfr_sde < 0 or args.min_lr < 0 or args.warmup_epochs < 0:
         raise ConfigError("--grad_clip, --weight_decay, --tfr_sde, --min_lr and --warmup_epochs must be >= 0")
     check_warp_loss(args)

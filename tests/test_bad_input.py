@@ -85,6 +85,9 @@ def args_for_tester(dr, ckpt, *extra):
     (["--grad_clip", "nan"], "--grad_clip must be a finite number"),
     (["--milestones", "-1", "3"], "--milestones are epochs (1, 2, ...)"),  # was lr x 0.01 from epoch 1
     (["--num_workers", "-1"], "--num_workers must be >= 0"),
+    (["--skip_spikes", "1"], "--skip_spikes is 0 (off) or a factor above 1"),  # would skip about half the steps
+    (["--skip_spikes", "-2"], "--skip_spikes is 0 (off) or a factor above 1"),
+    (["--skip_spikes", "nan"], "--skip_spikes must be a finite number"),
 ])
 def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
     line = error_of(Trainer.main, [*args_for_trainer(trained[0]), *flags, "--save_root", tmp_path / "run"], capsys)
