@@ -20,8 +20,8 @@ class SpikeGuard:
 
     One update can spoil a run: in a 12-epoch CPU run (docs/RESULTS.md) a single batch gave a
     gradient norm of 1.36 where its neighbours gave 0.007-0.03; after that update the training error
-    tripled, validation fell 6 dB and never came back, and an epoch later one window's error was
-    1e10 times its lowest. Replayed with that one update skipped, the run went on as before it.
+    tripled, validation fell from 30.9 to 25.7 dB, and an epoch later one window's error was 1e10
+    times its lowest. Replayed with that one update skipped, the run went on as before it.
     The reference is an exponential average of the norms of the updates taken (about the last 50);
     it acts after WARMUP of them (the first norms fall fast). A run of RUN spikes in a row is a
     lasting change, not one batch (teacher forcing switched off for an epoch, say): the reference
