@@ -380,8 +380,8 @@ def outlier_updates(monkeypatch, steps):
 
 def test_an_outlier_update_is_skipped(dr, tmp_path, monkeypatch, capsys):
     """A step whose gradient norm is over --skip_spikes times the recent average is not taken (a
-    12-epoch CPU run lost 5 dB of validation to one such update, docs/RESULTS.md): one note naming the step, the
-    count in metrics.jsonl, and every other step's update taken."""
+    12-epoch CPU run lost 5 dB of validation to one such update, docs/RESULTS.md): one note naming
+    the step, the count in metrics.jsonl, and every other step's update taken."""
     taken = outlier_updates(monkeypatch, {7})
     run = str(tmp_path / "run")
     assert Trainer.main(["--DR", dr, *SHORT, "--partial", "1", "--num_epoch", "1", "--save_root", run]) == 0
