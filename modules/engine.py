@@ -48,9 +48,14 @@ class SpikeGuard:
         self.taken += 1
         self.run = 0
 
-    def restart(self):
-        """RUN spikes in a row: the update is taken and its norm becomes the reference."""
+    def skips(self):
+        """A spike was found: whether to skip its update. The RUN-th in a row is taken instead, and
+        its norm becomes the reference (took() is called next with it)."""
+        self.run += 1
+        if self.run < self.RUN:
+            return True
         self.ref, self.taken = None, self.WARMUP - 1
+        return False
 
 
 class OutOfMemory(RuntimeError):
@@ -248,17 +253,14 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
             # TrainingDiverged alone would leave the others waiting in the next collective).
             flags = all_reduce(flags.float()) > 0
         bad, spike = flags.tolist()
-        if spike and not bad:
-            guard.run += 1
-            if guard.run < guard.RUN:
-                spikes += 1
-                if is_main:
-                    n, ref = norm.item(), guard.ref.item()
-                    tqdm.write(f"note: epoch {epoch + 1} step {step}: gradient norm {n:.3g}, {n / ref:.0f}x the "
-                               f"recent average ({ref:.3g}); update skipped (--skip_spikes {args.skip_spikes:g})")
-                bar.update(1)
-                continue
-            guard.restart()
+        if spike and not bad and guard.skips():
+            spikes += 1
+            if is_main:
+                n, ref = norm.item(), guard.ref.item()
+                tqdm.write(f"note: epoch {epoch + 1} step {step}: gradient norm {n:.3g}, {n / ref:.0f}x the "
+                           f"recent average ({ref:.3g}); update skipped (--skip_spikes {args.skip_spikes:g})")
+            bar.update(1)
+            continue
         if bad:
             nan_total += 1
             nan_run += 1
