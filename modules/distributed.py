@@ -1,6 +1,9 @@
 """torchrun support: process-group set-up from the environment torchrun provides, and the few
 collective helpers the Trainer needs. A plain `python Trainer.py` is a world of one."""
+import ctypes
 import os
+import signal
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -57,6 +60,7 @@ def setup(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    stop_with_launcher()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if args.device.startswith("cuda"):
         torch.cuda.set_device(local)
@@ -66,6 +70,27 @@ def setup(args):
         backend = "gloo"
     dist.init_process_group(backend=backend)
     return Dist(rank=rank, local_rank=local, world_size=world)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def stop_with_launcher():
+    """Have Linux send this process SIGTERM when its parent, the torchrun launcher, dies.
+
+    torchrun starts every process in a session of its own and forwards the signals it receives; a
+    launcher killed outright (`kill -9`, the out-of-memory killer) forwards nothing, and its
+    processes would train on unattended, holding the GPUs and the run folder's lock. With this they
+    stop as on `kill -TERM`: they finish the step and rank 0 writes last.ckpt. Not covered: a
+    launcher that dies in the second or two between starting a process and this call. Elsewhere
+    than Linux it does nothing. Returns whether it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
 def cleanup(d):

@@ -148,6 +148,59 @@ def test_sigterm_under_torchrun_stops_all_ranks_with_a_checkpoint(tiny_dance, tm
         assert ckpt["progress"]["windows"] == 2 * ckpt["progress"]["step"]
 
 
+def _children(pid):
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return [int(c) for c in f.read().split()]
+
+
+def _gone(pid):
+    """Exited: no such process, or a zombie left for whoever adopted it."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@needs_gloo
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_workers_of_a_killed_torchrun_stop_with_a_checkpoint(tiny_dance, tmp_path):
+    """torchrun killed outright (SIGKILL) cannot forward anything, and its workers run in sessions of
+    their own: each asked Linux for SIGTERM at its parent's death, so they stop as on `kill -TERM`
+    (rank 0 writes last.ckpt) instead of training on unattended."""
+    save = tmp_path / "run"
+    cmd = _torchrun("--DR", str(tiny_dance), *TINY, "--num_epoch", "50", "--val_every", "100",
+                    "--batch_size", "1", "--save_root", str(save))
+    log = open(tmp_path / "log.txt", "w+")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    workers = []
+    try:
+        deadline = time.time() + 90
+        while not (save / "metrics.jsonl").exists():  # one epoch done: the workers are training
+            assert proc.poll() is None and time.time() < deadline, "the run did not start training"
+            time.sleep(0.2)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 30
+        while not all(_gone(w) for w in workers):
+            assert time.time() < deadline, "the workers trained on after torchrun was killed"
+            time.sleep(0.2)
+    finally:
+        for w in workers:
+            if not _gone(w):
+                os.kill(w, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log.seek(0)
+    text = log.read()
+    assert "SIGTERM received" in text and "Stopped at epoch" in text, text[-3000:]
+    ckpt = torch.load(save / "last.ckpt", map_location="cpu", weights_only=True)
+    assert 1 <= ckpt["epoch"] < 50
+
+
 @needs_gloo
 def test_out_of_memory_on_one_rank_stops_the_job_with_one_line_per_rank(tiny_dance, tmp_path):
     """Rank 1 runs out of memory at its third step: it says so and names the fix, rank 0 (left
