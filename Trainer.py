@@ -643,6 +643,13 @@ def _train(args, d, stop, claimed):
     return 0
 
 
+def say_error(msg):
+    """One `error: ...` line on stderr in one write: print() writes the text and the newline
+    separately, and under torchrun (unbuffered) the lines of two processes then interleave."""
+    sys.stderr.write(f"error: {msg}\n")
+    sys.stderr.flush()
+
+
 def main(argv=None):
     parser = trainer_parser()
     args = parser.parse_args(argv)
@@ -651,23 +658,23 @@ def main(argv=None):
         check_trainer(args)
         return run(args)
     except (ConfigError, DataError, CheckpointError, TrainingDiverged, OutOfMemory) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say_error(e)
         return 2
     except OSError as e:  # the disk filled up, or a folder vanished or turned read-only mid-run
-        print(f"error: {e.filename or args.save_root}: {e.strerror or e}; {write_failure_advice(e)} "
-              "(checkpoints already written are intact)", file=sys.stderr)
+        say_error(f"{e.filename or args.save_root}: {e.strerror or e}; {write_failure_advice(e)} "
+                  "(checkpoints already written are intact)")
         return 2
     except RuntimeError as e:
         if not distributed.lost_peer(e):
             raise
-        print(f"error: another process of this torchrun job stopped ({first_line(e)}); its "
-              "own error line says why. Checkpoints already written are intact", file=sys.stderr)
+        say_error(f"another process of this torchrun job stopped ({first_line(e)}); its "
+                  "own error line says why. Checkpoints already written are intact")
         return 1
     except KeyboardInterrupt as e:  # a second Ctrl-C, or Ctrl-C or SIGTERM before training started
         last = os.path.join(args.save_root or "", "last.ckpt")
         where = (f"resume from the last checkpoint with: python Trainer.py --resume {args.save_root}"
                  if args.save_root and os.path.isfile(last) else "no checkpoint was written")
-        print(f"error: interrupted; {where}", file=sys.stderr)
+        say_error(f"interrupted; {where}")
         return 143 if e.args == ("SIGTERM",) else 130
 
 

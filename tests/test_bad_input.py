@@ -3,6 +3,7 @@ stderr that names the thing and the fix, exit code 2, and no traceback. Tiny dat
 """
 import os
 import shutil
+import sys
 
 import pytest
 import torch
@@ -93,6 +94,28 @@ def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
     line = error_of(Trainer.main, [*args_for_trainer(trained[0]), *flags, "--save_root", tmp_path / "run"], capsys)
     assert message in line
     assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_trainer_error_line_is_one_write(trained, tmp_path, monkeypatch):
+    """Under torchrun every process writes its error line to the same stderr: a line written in
+    two pieces (print's text, then its newline) can end up split by another process's line."""
+    class Recorder:
+        def __init__(self):
+            self.writes = []
+
+        def write(self, s):
+            self.writes.append(s)
+
+        def flush(self):
+            pass
+
+    err = Recorder()
+    monkeypatch.setattr(sys, "stderr", err)
+    argv = [*args_for_trainer(trained[0]), "--skip_spikes", "1", "--save_root", str(tmp_path / "run")]
+    assert Trainer.main(argv) == 2
+    lines = [w for w in err.writes if "error: " in w]
+    assert len(lines) == 1 and lines[0].startswith("error: --skip_spikes") and lines[0].endswith("\n")
+    assert lines[0].count("\n") == 1
 
 
 @pytest.mark.parametrize("flags, message", [
