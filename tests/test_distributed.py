@@ -114,20 +114,31 @@ def test_torchrun_two_processes_match_one_with_doubled_batch(tiny_dance, tmp_pat
     assert [r["epoch"] for r in _rows(ddp)] == [1, 2]
 
 
-@needs_gloo
-def test_sigterm_under_torchrun_stops_all_ranks_with_a_checkpoint(tiny_dance, tmp_path):
-    """torchrun forwards SIGTERM (and Ctrl-C's SIGINT) to every worker; the ranks agree on the stop
-    flag at the next step, rank 0 writes last.ckpt, and all exit: no rank waits in a collective."""
+def _training_under_torchrun(tiny_dance, tmp_path):
+    """A 2-process run of 50 epochs, returned once its first epoch is done: (save_root, the log
+    file both processes write to, the torchrun process)."""
     save = tmp_path / "run"
     cmd = _torchrun("--DR", str(tiny_dance), *TINY, "--num_epoch", "50", "--val_every", "100",
                     "--batch_size", "1", "--save_root", str(save))
     log = open(tmp_path / "log.txt", "w+")
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 90
+    while not (save / "metrics.jsonl").exists():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            proc.wait()
+            log.seek(0)
+            pytest.fail(f"the run did not start training\n{log.read()[-3000:]}")
+        time.sleep(0.2)
+    return save, log, proc
+
+
+@needs_gloo
+def test_sigterm_under_torchrun_stops_all_ranks_with_a_checkpoint(tiny_dance, tmp_path):
+    """torchrun forwards SIGTERM (and Ctrl-C's SIGINT) to every worker; the ranks agree on the stop
+    flag at the next step, rank 0 writes last.ckpt, and all exit: no rank waits in a collective."""
+    save, log, proc = _training_under_torchrun(tiny_dance, tmp_path)
     try:
-        deadline = time.time() + 90
-        while not (save / "metrics.jsonl").exists():  # one epoch done: the workers are training
-            assert proc.poll() is None and time.time() < deadline, "the run did not start training"
-            time.sleep(0.2)
         proc.send_signal(signal.SIGTERM)
         t0 = time.time()
         # torchrun SIGKILLs workers 30 s after forwarding; stopping must take about one step.
@@ -168,17 +179,9 @@ def test_workers_of_a_killed_torchrun_stop_with_a_checkpoint(tiny_dance, tmp_pat
     """torchrun killed outright (SIGKILL) cannot forward anything, and its workers run in sessions of
     their own: each asked Linux for SIGTERM at its parent's death, so they stop as on `kill -TERM`
     (rank 0 writes last.ckpt) instead of training on unattended."""
-    save = tmp_path / "run"
-    cmd = _torchrun("--DR", str(tiny_dance), *TINY, "--num_epoch", "50", "--val_every", "100",
-                    "--batch_size", "1", "--save_root", str(save))
-    log = open(tmp_path / "log.txt", "w+")
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    save, log, proc = _training_under_torchrun(tiny_dance, tmp_path)
     workers = []
     try:
-        deadline = time.time() + 90
-        while not (save / "metrics.jsonl").exists():  # one epoch done: the workers are training
-            assert proc.poll() is None and time.time() < deadline, "the run did not start training"
-            time.sleep(0.2)
         workers = _children(proc.pid)
         assert len(workers) == 2
         proc.kill()
