@@ -67,6 +67,12 @@ def load_model(path, args, given=()):
     is noted (it takes no effect)."""
     ckpt = load_checkpoint(path)
     margs = model_args(ckpt, path)
+    if ckpt.get("lab_format"):
+        # The weights alone cannot tell the lab's model from this project's (the same parameters).
+        print(f"note: {path} holds weights only, as the lab's code writes them: rebuilt as the lab's model, whose "
+              "Label_Encoder and Gaussian_Predictor have LeakyReLU(True) (a slope of 1). A checkpoint of this "
+              "project re-saved that way computes another function here: test its original file (best.ckpt, "
+              "last.ckpt), which records the model")
     for k in TESTER_IGNORED:
         if k in given and getattr(args, k) != margs.get(k):
             print(f"note: --{k} {getattr(args, k)} takes no effect: the model is rebuilt from the checkpoint "

@@ -144,14 +144,18 @@ def test_tester_rebuilds_the_model_options_from_the_checkpoint(tmp_path, stored)
             loaded.flow is not None, loaded.flow_coarse is not None) == ("learned", True, "first", True, True, True)
 
 
-def test_lab_format_checkpoint_loads_in_tester(run, tmp_path):
-    dr, _ = run
+def test_lab_format_checkpoint_loads_in_tester(run, tmp_path, capsys):
+    dr, save = run
     model = VAE_Model(16, 8, 4, 16)
     path = tmp_path / "epoch=3.ckpt"
     torch.save({"state_dict": model.state_dict(), "optimizer": {}, "lr": 1e-3, "tfr": 1.0, "last_epoch": 3}, path)
-    assert Tester.main(["--ckpt_path", str(path), "--DR", str(dr), "--save_root", str(tmp_path / "o"),
-                        "--test_len", "20", "--no_gif", "--device", "cpu"]) == 0
+    common = ["--DR", str(dr), "--test_len", "20", "--no_gif", "--device", "cpu"]
+    assert Tester.main(["--ckpt_path", str(path), "--save_root", str(tmp_path / "o"), *common]) == 0
     assert len(_submission(tmp_path / "o" / "submission.csv")) == 41
+    # Said, because a checkpoint of this project re-saved as weights only would be read the same way.
+    assert "rebuilt as the lab's model" in capsys.readouterr().out
+    assert Tester.main(["--ckpt_path", str(save / "last.ckpt"), "--save_root", str(tmp_path / "p"), *common]) == 0
+    assert "the lab's model" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("prior", ["fixed", "learned"])
