@@ -84,5 +84,13 @@ def test_a_kl_schedule_that_never_turns_on_is_told():
     assert "beta 0 in every epoch" in kl_schedule_note("Cyclical", 5, 10, 1.0)
     assert "beta 0 in every epoch" in kl_schedule_note("Monotonic", 1, 1, 1.0)  # a 1-epoch run starts at 0
     for args in (("Cyclical", 70, 10, 1.0), ("Cyclical", 2, 1, 1.0), ("Monotonic", 5, 10, 1.0), ("Full_KL", 5),
-                 ("None", 5)):
+                 ("None", 5), ("Cyclical", 70, 10, 0.5)):
         assert kl_schedule_note(*args) is None, args
+
+
+def test_a_kl_ratio_over_one_is_told_how_high_beta_gets():
+    """A ratio over 1 stretches the rise past the cycle's end: with 2, beta climbs by 1/14 per epoch
+    over 7-epoch cycles and reaches 6/14 = 0.43 before each restart."""
+    assert max(kl_beta(e, "Cyclical", 70, 10, 2.0) for e in range(70)) == pytest.approx(6 / 14)
+    assert "beta reaches at most 0.43" in kl_schedule_note("Cyclical", 70, 10, 2.0)
+    assert "beta reaches at most 0.45" in kl_schedule_note("Monotonic", 10, 1, 2.0)  # 9/20 in the last epoch
