@@ -72,7 +72,7 @@ class StopRequest:
 
 def build_optimizer(model, args, speed):
     cls = {"Adam": torch.optim.Adam, "AdamW": torch.optim.AdamW, "Adamax": torch.optim.Adamax}[args.optim]
-    kw = dict(lr=args.lr, weight_decay=args.weight_decay)
+    kw = dict(lr=args.lr, betas=tuple(args.betas), weight_decay=args.weight_decay)
     if speed.device.type == "cuda" and args.optim in ("Adam", "AdamW"):
         kw["fused"] = True  # one kernel for the whole update
     return cls(model.parameters(), **kw)

@@ -117,6 +117,8 @@ def trainer_parser():
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     g.add_argument("--optim", choices=("Adam", "AdamW", "Adamax"), default="Adam", help="optimizer")
     g.add_argument("--weight_decay", type=float, default=0.0, help="the optimizer's weight decay")
+    g.add_argument("--betas", type=float, nargs=2, default=[0.9, 0.999], metavar=("B1", "B2"),
+                   help="the optimizer's decay rates of its moment estimates (torch's defaults)")
     g.add_argument("--scheduler", choices=SCHEDULERS, default="multistep",
                    help="multistep (the lab's), step, cosine (with warm-up), none; the rate is set at every "
                         "step: multistep and step change it at epoch boundaries, cosine and its warm-up follow "
@@ -315,6 +317,8 @@ def check_trainer(args):
                           f"gradient norm is over 10x the recent average), got {args.skip_spikes:g}")
     if args.grad_clip < 0 or args.weight_decay < 0 or args.tfr_sde < 0 or args.min_lr < 0 or args.warmup_epochs < 0:
         raise ConfigError("--grad_clip, --weight_decay, --tfr_sde, --min_lr and --warmup_epochs must be >= 0")
+    if not all(0 <= b < 1 for b in args.betas):
+        raise ConfigError(f"--betas are two decay rates in [0, 1), got {' '.join(f'{b:g}' for b in args.betas)}")
     check_warp_loss(args)
     if args.milestones and min(args.milestones) < 1:
         raise ConfigError(f"--milestones are epochs (1, 2, ...) after which the learning rate is multiplied by "

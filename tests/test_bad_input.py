@@ -89,6 +89,8 @@ def args_for_tester(dr, ckpt, *extra):
     (["--skip_spikes", "1"], "--skip_spikes is 0 (off) or a factor above 1"),  # would skip about half the steps
     (["--skip_spikes", "-2"], "--skip_spikes is 0 (off) or a factor above 1"),
     (["--skip_spikes", "nan"], "--skip_spikes must be a finite number"),
+    (["--betas", "0.9", "1"], "--betas are two decay rates in [0, 1), got 0.9 1"),
+    (["--betas", "-0.1", "0.99"], "--betas are two decay rates in [0, 1)"),
 ])
 def test_trainer_flag_out_of_range(trained, tmp_path, capsys, flags, message):
     line = error_of(Trainer.main, [*args_for_trainer(trained[0]), *flags, "--save_root", tmp_path / "run"], capsys)
@@ -297,14 +299,15 @@ def test_resume_keeps_the_checkpoints_optimizer_state_under_this_runs_options(tr
     from types import SimpleNamespace
     dr, good = trained
     ckpt = torch.load(good, weights_only=True)
-    args = Trainer.trainer_parser().parse_args(["--optim", "AdamW", "--weight_decay", "0.25", "--lr", "3e-4"])
+    args = Trainer.trainer_parser().parse_args(["--optim", "AdamW", "--weight_decay", "0.25", "--lr", "3e-4",
+                                                "--betas", "0.8", "0.99"])
     args.ckpt_path = good
     model = Trainer.build_model(ckpt["args"])
     model.load_state_dict(ckpt["model"])
     opt = Trainer.build_optimizer(model, args, SimpleNamespace(device=torch.device("cpu")))
     Trainer.load_optimizer_state(opt, ckpt, args, verbose=False)
     group = opt.param_groups[0]
-    assert group["weight_decay"] == 0.25 and group["lr"] == 3e-4
+    assert group["weight_decay"] == 0.25 and group["lr"] == 3e-4 and tuple(group["betas"]) == (0.8, 0.99)
     assert group.get("decoupled_weight_decay", True)  # AdamW's, not the checkpoint's Adam
     saved = ckpt["optimizer"]["state"]
     assert len(opt.state) == len(saved) > 0
