@@ -29,6 +29,12 @@ needs_gloo = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_availa
                                 reason="torch.distributed with gloo is not available")
 
 
+@pytest.fixture(autouse=True)
+def _temporary_files_in_tmp_path(tmp_path, monkeypatch):
+    # torchrun makes a torchelastic_* folder under TMPDIR on every launch and leaves it there.
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+
+
 def _env():
     # One thread per process as torchrun sets it, so the two processes do not fight over 2 cores.
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
