@@ -4,6 +4,7 @@ import argparse
 import errno
 import math
 import os
+import re
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
 MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose", "warp", "pose_flow",
@@ -23,6 +24,14 @@ class ConfigError(ValueError):
 def default_device():
     import torch
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def reads_negative_numbers(p):
+    """p, made to read "-1e-3" as a value: argparse before Python 3.13 recognises only "-1" and
+    "-0.5" as negative numbers and takes "--lr -1e-3" for a flag without its value, so the user got
+    "expected one argument" instead of the flag's own range check."""
+    p._negative_number_matcher = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+    return p
 
 
 def common_parser():
@@ -109,9 +118,9 @@ def check_warp_loss(args):
 
 
 def trainer_parser():
-    p = argparse.ArgumentParser(description="Train the pose-conditioned video VAE.",
-                                parents=[common_parser()],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = reads_negative_numbers(argparse.ArgumentParser(description="Train the pose-conditioned video VAE.",
+                                                       parents=[common_parser()],
+                                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     g = p.add_argument_group("training")
     g.add_argument("--batch_size", type=int, default=2, help="sequences per step (per process under torchrun)")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
@@ -193,9 +202,9 @@ def trainer_parser():
 
 
 def tester_parser():
-    p = argparse.ArgumentParser(description="Generate the test sequences, GIFs and submission.csv.",
-                                parents=[common_parser()],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = reads_negative_numbers(argparse.ArgumentParser(description="Generate the test sequences, GIFs and "
+                                                       "submission.csv.", parents=[common_parser()],
+                                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter))
     p.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by Trainer.py (or lab code)")
     p.add_argument("--test_len", type=int, default=630, help="frames per test sequence, the first included")
     p.add_argument("--split", choices=("test", "test_unseen"), default="test",

@@ -55,6 +55,7 @@ def args_for_tester(dr, ckpt, *extra):
     (["--batch_size", "0"], "--batch_size must be positive, got 0"),
     (["--batch_size", "-2"], "--batch_size must be positive, got -2"),
     (["--lr", "0"], "--lr must be positive"),
+    (["--lr", "-1e-3"], "--lr must be positive, got -0.001"),  # was argparse's "expected one argument"
     (["--train_vi_len", "1"], "--train_vi_len must be at least 2"),
     (["--val_vi_len", "0"], "--val_vi_len must be positive, got 0"),
     (["--frame_H", "0"], "--frame_H must be positive, got 0"),
