@@ -219,10 +219,16 @@ def calibrate(grid, out, extra, minutes):
     return max(epochs, 1)
 
 
+def more_budget(minutes, before):
+    """Whether --minutes `minutes` (None: no limit) gives more training time than `before`."""
+    return before is not None and (minutes is None or minutes > before)
+
+
 def settings_changed(record, run, extra, num_epoch, minutes):
     """What differs between a run's record and this invocation ("" when nothing does). num_epoch is
     None when --epochs was not given (the run keeps the schedule it started with); the budget
-    counts for finished runs only (an unfinished one takes the new budget)."""
+    counts for finished runs only (an unfinished one takes the new budget), and a larger one is no
+    change for a run the budget stopped: it goes on."""
     diff = []
     if record.get("flags", run.flags) != run.flags:
         diff.append(f"grid flags {shlex.join(to_argv(record['flags']))}")
@@ -230,7 +236,8 @@ def settings_changed(record, run, extra, num_epoch, minutes):
         diff.append(f"flags after -- {shlex.join(record['extra']) or '(none)'}")
     if num_epoch is not None and record.get("num_epoch", num_epoch) != num_epoch:
         diff.append(f"--epochs {record['num_epoch']}")
-    if record.get("status") == "done" and record.get("minutes", minutes) != minutes:
+    if (record.get("status") == "done" and record.get("minutes", minutes) != minutes
+            and not (record.get("stopped_by_budget") and more_budget(minutes, record.get("minutes")))):
         diff.append(f"--minutes {record['minutes']}" if record["minutes"] else "no --minutes")
     return ", ".join(diff)
 
@@ -254,9 +261,14 @@ def run_one(run, out, num_epoch, extra, test_extra, limit_s, index=0, epochs_giv
         print(f"[{run.name}] {save_root} holds this run made with other settings ({changed}): use another "
               "--out, or delete that folder to run it again with these", file=sys.stderr, flush=True)
         return "failed"
-    if record.get("status") == "done":
+    goes_on = (record.get("status") == "done" and record.get("stopped_by_budget")
+               and done < record.get("num_epoch", num_epoch) and more_budget(minutes, record.get("minutes")))
+    if record.get("status") == "done" and not goes_on:
         print(f"[{run.name}] done already; skipped", flush=True)
         return "done"
+    if goes_on:  # tested at the epoch the smaller budget reached: trained on, then tested again
+        del record["stopped_by_budget"]
+        record["status"] = "training"
     # index: the run's place in its grid, the order of scripts/plot_report.py's table.
     record.update(name=run.name, index=index, flags=run.flags, groups=list(run.groups), extra=extra, minutes=minutes)
     record.setdefault("num_epoch", num_epoch)  # a resumed run keeps the schedule it started with

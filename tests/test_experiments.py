@@ -111,6 +111,44 @@ def test_a_budget_spent_inside_the_first_epoch(tmp_path, monkeypatch, capsys):
     assert "--resume" in calls[1][0] and calls[1][1] == pytest.approx(40.0)
 
 
+def test_a_run_the_budget_stopped_goes_on_with_a_larger_budget(tmp_path, monkeypatch, capsys):
+    """A run stopped by --minutes after an epoch is tested and done; a larger --minutes trains it on
+    (it was refused as 'made with other settings', so the epochs it had were lost to a restart)."""
+    calls = []
+
+    def trainer_stopped_after_one_more_epoch(cmd, log_path, limit_s=None, **kw):
+        calls.append((cmd, limit_s))
+        if "--ckpt_path" in cmd:  # the Tester
+            test_root = cmd[cmd.index("--save_root") + 1]
+            os.makedirs(test_root, exist_ok=True)
+            with open(os.path.join(test_root, "results.json"), "w") as f:
+                json.dump({"psnr": 20.0}, f)
+            return 0, 1.0, False
+        save_root = cmd[cmd.index("--resume" if "--resume" in cmd else "--save_root") + 1]
+        epoch = run_experiments.epochs_done(save_root) + 1
+        with open(os.path.join(save_root, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"epoch": epoch, "val_psnr": 20.0 + epoch}) + "\n")
+        open(os.path.join(save_root, "best.ckpt"), "w").close()
+        return 143, limit_s, True
+    monkeypatch.setattr(run_experiments, "run_logged", trainer_stopped_after_one_more_epoch)
+    run = run_experiments.GRIDS["tiny"]()[0]
+    assert run_experiments.run_one(run, str(tmp_path), 3, [], [], 60.0) == "done"
+    assert "1 epoch(s) in 60 s (stopped by the budget)" in capsys.readouterr().out
+    # The same budget: done. A smaller one: its result stands for more, refused.
+    assert run_experiments.run_one(run, str(tmp_path), 3, [], [], 60.0) == "done"
+    assert "done already" in capsys.readouterr().out
+    assert run_experiments.run_one(run, str(tmp_path), 3, [], [], 30.0) == "failed"
+    assert "made with other settings (--minutes 1.0)" in capsys.readouterr().err
+    assert len(calls) == 2
+    # A larger one: resumed with what is left of it, then tested again.
+    assert run_experiments.run_one(run, str(tmp_path), 3, [], [], 100.0) == "done"
+    assert "--resume" in calls[2][0] and calls[2][1] == pytest.approx(40.0) and "--ckpt_path" in calls[3][0]
+    assert "2 epoch(s) in 100 s (stopped by the budget)" in capsys.readouterr().out
+    with open(tmp_path / run.name / run_experiments.RUN_FILE) as f:
+        record = json.load(f)
+    assert (record["epochs_done"], record["minutes"], record["status"]) == (2, pytest.approx(100 / 60), "done")
+
+
 def test_plotter_writes_figures_and_table(grid, tmp_path):
     out, _, _ = grid
     report = tmp_path / "report"
