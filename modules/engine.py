@@ -25,25 +25,36 @@ class SpikeGuard:
     The reference is an exponential average of the norms of the updates taken (about the last 50);
     it acts after WARMUP of them (the first norms fall fast). A run of RUN spikes in a row is a
     lasting change, not one batch (teacher forcing switched off for an epoch, say): the reference
-    then restarts from it and the update is taken. Kept by the process only: a resumed run warms up
-    again."""
+    then restarts from it and the update is taken. Its state goes in the checkpoints (`state()`), so
+    a resumed run decides as the uninterrupted one would."""
     WARMUP, DECAY, RUN = 50, 0.98, 5
 
-    def __init__(self, k):
+    def __init__(self, k, state=None):
+        """state: what `state()` returned, from a checkpoint (None: a new run)."""
         self.k = k
         self.ref = None  # a device tensor: no host sync to update it
         self.taken = 0   # updates averaged into ref
         self.run = 0     # spikes in a row
+        if state:
+            self.ref = None if state["ref"] is None else torch.tensor(state["ref"], dtype=torch.float32)
+            self.taken, self.run = state["taken"], state["run"]
+
+    def state(self):
+        """Plain numbers for a checkpoint (one host sync: at checkpoints only)."""
+        return {"ref": None if self.ref is None else self.ref.item(), "taken": self.taken, "run": self.run}
 
     def is_spike(self, norm):
         """A device bool: whether `norm` (finite) is a spike (always False while warming up)."""
         if not self.k or self.taken < self.WARMUP:
             return torch.zeros((), dtype=torch.bool, device=norm.device)
+        self.ref = self.ref.to(norm.device)  # read from a checkpoint: on the CPU (a no-op after)
         return norm > self.k * self.ref
 
     def took(self, norm):
         """The update with this (finite) norm was taken."""
         norm = norm.detach().float()
+        if self.ref is not None:
+            self.ref = self.ref.to(norm.device)
         self.ref = norm.clone() if self.ref is None else self.ref.mul(self.DECAY).add_(norm, alpha=1 - self.DECAY)
         self.taken += 1
         self.run = 0

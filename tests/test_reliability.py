@@ -409,6 +409,32 @@ def test_a_lasting_change_of_the_gradient_scale_is_followed(dr, tmp_path, monkey
     assert rows(run)[0]["spikes_skipped"] == SpikeGuard.RUN - 1 and len(taken) == 12 - (SpikeGuard.RUN - 1)
 
 
+def test_a_resume_keeps_the_guards_reference(dr, tmp_path, monkeypatch):
+    """The guard's average is in the checkpoints: a run resumed before an outlier skips it as the
+    uninterrupted run does (it warmed up afresh, took that update and trained on differently)."""
+    forward = VAE_Model.forward
+
+    def outlier_at_training_step(n):
+        calls = []
+
+        def spiked(self, *a, **kw):
+            out = forward(self, *a, **kw)
+            calls.append(self.training)
+            return dict(out, loss=out["loss"] * 1e4) if self.training and sum(calls) == n else out
+        monkeypatch.setattr(VAE_Model, "forward", spiked)
+    monkeypatch.setattr(SpikeGuard, "WARMUP", 3)
+    argv = ["--DR", dr, *SHORT, "--partial", "1", "--num_epoch", "2", "--per_save", "1"]
+    whole = str(tmp_path / "whole")
+    outlier_at_training_step(12 + 2)  # epoch 2, step 2
+    assert Trainer.main([*argv, "--save_root", whole]) == 0
+    assert [r["spikes_skipped"] for r in rows(whole)] == [0, 1]
+    resumed = run_from(whole, 1, str(tmp_path / "resumed"))
+    assert load_checkpoint(os.path.join(resumed, "last.ckpt"))["spike_guard"]["taken"] == 12
+    outlier_at_training_step(2)  # the same step, counted from the resume
+    assert Trainer.main(["--resume", resumed]) == 0
+    assert rows(resumed) == rows(whole)
+
+
 # ----------------------------------------------------------------------------- out of memory
 
 @pytest.mark.parametrize("error", [
