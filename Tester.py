@@ -62,7 +62,8 @@ def fmt_ssim(value):
 
 
 def load_model(path, args, given=()):
-    """The checkpoint's model, rebuilt from the dims stored in it (or read off its weights).
+    """The checkpoint's model, rebuilt from the dims stored in it (or read off its weights), its model
+    arguments and the epochs it had trained (None for a checkpoint of the lab's code).
     `given`: the flags on the command line; a model flag among them that the checkpoint contradicts
     is noted (it takes no effect)."""
     ckpt = load_checkpoint(path)
@@ -82,7 +83,7 @@ def load_model(path, args, given=()):
             print(f"note: the checkpoint was trained at --{k} {margs[k]}; testing at {getattr(args, k)}")
     model = build_model(margs)
     load_model_weights(model, ckpt, path)
-    return model.eval(), margs
+    return model.eval(), margs, ckpt.get("epoch")
 
 
 def run(args, written=None, given=()):
@@ -90,7 +91,7 @@ def run(args, written=None, given=()):
     `given` the flags on the command line."""
     written = [] if written is None else written
     speed = resolve_speed(args)
-    model, margs = load_model(args.ckpt_path, args, given)
+    model, margs, epoch = load_model(args.ckpt_path, args, given)
     prepare_model(model, speed)
     save_root = output_folder(args)
     writable_folder(save_root)
@@ -153,7 +154,9 @@ def run(args, written=None, given=()):
 
     # The Tester's own flags, and the model as rebuilt from the checkpoint (the model flags of the
     # command line take no effect, so they are not recorded).
-    results = {"sequences": [], "generation_s": gen_s,
+    # checkpoint_epoch: epochs the checkpoint had trained (None for lab code's), so that a report
+    # can tell a test of an older best.ckpt from one of the current.
+    results = {"sequences": [], "generation_s": gen_s, "checkpoint_epoch": epoch,
                "args": {k: v for k, v in vars(args).items()
                         if isinstance(v, (int, float, str, bool, type(None))) and k not in TESTER_IGNORED},
                "model": {k: v for k, v in margs.items() if isinstance(v, (int, float, str, bool, type(None)))}}

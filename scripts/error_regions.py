@@ -112,7 +112,7 @@ def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
         targs = check_tester(tester_parser().parse_args(  # the Tester's settings
             ["--ckpt_path", ckpt_path] + (["--device", device] if device else [])))
         speed = resolve_speed(targs)
-        model, _ = load_model(ckpt_path, targs)
+        model, _, _ = load_model(ckpt_path, targs)
         prepare_model(model, speed)
         eps = model.sample_noise(len(seqs), L, H, W, generator=torch.Generator().manual_seed(seed))
         first = torch.stack([s["first"] for s in seqs])

@@ -10,12 +10,14 @@ it, runs are grouped by their settings). Folders without metrics.jsonl are skipp
   kl_compare.png       train loss, reconstruction error and val PSNR of the KL strategies, shared axes
   prior_compare.png    the same for fixed vs learned prior
   psnr_per_frame.png   validation PSNR per frame of each run, at its best epoch
-  results.md           best val PSNR and test metrics of each run
+  results.md           best val PSNR and test metrics of each run (a test of a checkpoint the run has
+                       since replaced is marked stale)
 """
 import argparse
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -193,6 +195,25 @@ def best_row(run):
     return max(vals, key=lambda r: r["val_psnr"]) if vals else None
 
 
+def stale_test(run):
+    """(epoch tested, epoch now) when test/results.json was made from a checkpoint that the run has
+    since replaced (it trained on, and best.ckpt or last.ckpt moved), else None."""
+    tested = run["test"].get("checkpoint_epoch")
+    targs = run["test"].get("args")
+    name = os.path.basename(str(targs.get("ckpt_path", ""))) if isinstance(targs, dict) else ""
+    if not isinstance(tested, int):  # a test of a lab code's checkpoint, or by an older Tester
+        return None
+    if name == "best.ckpt":
+        best = best_row(run)
+        now = best["epoch"] if best else None
+    elif name == "last.ckpt":
+        now = run["rows"][-1]["epoch"]
+    else:
+        m = re.fullmatch(r"epoch_(\d+)\.ckpt", name)
+        now = int(m.group(1)) if m else None
+    return (tested, now) if now is not None and now != tested else None
+
+
 def psnr_per_frame(runs, path):
     plt = plt_module()
     fig, ax = plt.subplots(figsize=(8, 3.8))
@@ -230,7 +251,8 @@ def results_table(runs):
         cells = [run["name"], LABELS["kl"](a), tf_label(a), LABELS["prior"](a), a.get("recon", "mse"),
                  str(run["rows"][-1]["epoch"]),
                  f"{fmt(best['val_psnr'])} ({best['epoch']})" if best else "-",
-                 fmt(t.get("psnr")), fmt(t.get("ssim"), ".4f")]
+                 fmt(t.get("psnr")) + (f" (stale: epoch {stale_test(run)[0]})" if stale_test(run) else ""),
+                 fmt(t.get("ssim"), ".4f")]
         if oracle:
             cells.append(f"{fmt(t.get('best_of_k_psnr'))} (K={k})" if k > 1 else "-")
         cells.append(fmt(t.get("copy_first_psnr")))
@@ -258,6 +280,12 @@ def make_report(run_dirs, out):
     if prior:
         written.append(compare(prior, "Fixed vs learned prior", os.path.join(out, "prior_compare.png")))
     written.append(psnr_per_frame(runs, os.path.join(out, "psnr_per_frame.png")))
+    for run in runs:
+        if stale_test(run):
+            (tested, now), ckpt = stale_test(run), os.path.basename(run["test"]["args"]["ckpt_path"])
+            print(f"note: {run['name']}: test/results.json is of the epoch-{tested} {ckpt}; the run's {ckpt} is now "
+                  f"epoch {now}: test it again (python Tester.py --ckpt_path {os.path.join(run['path'], ckpt)})",
+                  file=sys.stderr)
     table = os.path.join(out, "results.md")
     with open(table, "w") as f:
         f.write(results_table(runs))

@@ -139,7 +139,7 @@ def test_tester_rebuilds_the_model_options_from_the_checkpoint(tmp_path, stored)
     path = tmp_path / "last.ckpt"
     save_checkpoint(path, {"model": model.state_dict(), "args": args})
     opts = Tester.tester_parser().parse_args(["--ckpt_path", str(path)])
-    loaded, _ = Tester.load_model(str(path), opts)
+    loaded, _, _ = Tester.load_model(str(path), opts)
     assert (loaded.prior_type, loaded.residual, loaded.condition, loaded.pose_fusion is not None,
             loaded.flow is not None, loaded.flow_coarse is not None) == ("learned", True, "first", True, True, True)
 
@@ -202,7 +202,7 @@ def test_trainer_keeps_a_lab_checkpoints_activation(run, tmp_path):
                          *TINY]) == 0
     ckpt = torch.load(save / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["args"]["lab_activation"] is True
-    loaded, _ = Tester.load_model(str(save / "last.ckpt"),
+    loaded, _, _ = Tester.load_model(str(save / "last.ckpt"),
                                   Tester.tester_parser().parse_args(["--ckpt_path", str(save / "last.ckpt")]))
     assert loaded.label_transformation[3].negative_slope == 1.0
 

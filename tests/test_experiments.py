@@ -219,6 +219,35 @@ def test_plotter_reads_hand_edited_files(tmp_path):
     assert [c.strip() for c in row.split("|")[1:4]] == ["run", "?", "?"]
 
 
+@pytest.mark.parametrize("tested, stale", [(1, True), (3, False)])
+def test_plotter_marks_a_test_of_a_replaced_checkpoint(tmp_path, capsys, tested, stale):
+    """A run tested after epoch 1 and trained on to a better epoch 3 showed epoch 3's validation
+    beside epoch 1's test, unmarked."""
+    rows = [{"epoch": e, "loss": 0.5 / e, "mse": 0.5 / e, "val_psnr": 20.0 + e} for e in (1, 2, 3)]
+    run = fake_run(tmp_path / "run", rows)
+    (tmp_path / "run" / "test").mkdir()
+    (tmp_path / "run" / "test" / "results.json").write_text(json.dumps(
+        {"psnr": 7.77, "checkpoint_epoch": tested, "args": {"ckpt_path": "runs/x/best.ckpt"}}))
+    assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
+    row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
+    cell = [c.strip() for c in row.split("|")][8]
+    err = capsys.readouterr().err
+    if stale:
+        assert cell == "7.77 (stale: epoch 1)"
+        assert "test/results.json is of the epoch-1 best.ckpt; the run's best.ckpt is now epoch 3" in err
+        assert f"python Tester.py --ckpt_path {os.path.join(run, 'best.ckpt')}" in err
+    else:
+        assert cell == "7.77" and err == ""
+
+
+def test_tester_records_the_epoch_of_its_checkpoint(grid):
+    out, _, _ = grid
+    for run in out.iterdir():
+        rows = [json.loads(x) for x in open(run / "metrics.jsonl")]
+        best = max(rows, key=lambda r: r["val_psnr"])["epoch"]
+        assert json.load(open(run / "test" / "results.json"))["checkpoint_epoch"] == best
+
+
 def test_out_that_is_a_file_is_one_line(tmp_path, capsys):
     """--out naming a file: one line and exit 2 from both scripts (were FileExistsError tracebacks)."""
     blocked = tmp_path / "a_file"
