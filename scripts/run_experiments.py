@@ -189,7 +189,8 @@ def trainer_cmd(run, save_root, num_epoch, extra, resume):
 def calibrate(grid, out, extra, minutes):
     """Epochs that fit in `minutes` of training: time a 2-epoch run of the grid's first
     configuration (the gap between its two metrics rows is one epoch with validation and
-    checkpoints; the time to the first row beyond that is the start-up). Cached in
+    checkpoints; the time to the first row beyond that is the start-up). Without --fast_train,
+    whose first epochs are short and would size the runs for more epochs than fit. Cached in
     out/calibration.json for re-runs with the same flags."""
     path = os.path.join(out, "calibration.json")
     key = {"extra": extra, "flags": grid[0].flags}
@@ -201,7 +202,8 @@ def calibrate(grid, out, extra, minutes):
         os.makedirs(tmp)
         print(f"calibrating: 2 epochs of {grid[0].name} to size runs to {minutes} min ...", flush=True)
         stamps = {}
-        rc, wall, _ = run_logged(trainer_cmd(grid[0], tmp, 2, extra, False), os.path.join(out, "calibration.log"),
+        full = [a for a in extra if a != "--fast_train"]
+        rc, wall, _ = run_logged(trainer_cmd(grid[0], tmp, 2, full, False), os.path.join(out, "calibration.log"),
                                  on_row=lambda n, t: stamps.setdefault(n, t),
                                  metrics_path=os.path.join(tmp, "metrics.jsonl"))
         if rc != 0 or len(stamps) < 2:

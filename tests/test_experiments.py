@@ -149,6 +149,28 @@ def test_a_run_the_budget_stopped_goes_on_with_a_larger_budget(tmp_path, monkeyp
     assert (record["epochs_done"], record["minutes"], record["status"]) == (2, pytest.approx(100 / 60), "done")
 
 
+def test_calibration_sizes_runs_to_the_budget(tmp_path, monkeypatch, capsys):
+    """Two timed epochs of the grid's first run give the epochs per run (within 90 % of --minutes),
+    cached for the same flags; timed without --fast_train, whose short first epochs would size the
+    runs for more epochs than fit."""
+    calls = []
+
+    def two_epochs(cmd, log_path, on_row=None, metrics_path=None, **kw):
+        calls.append(cmd)
+        on_row(1, 25.0)  # 5 s start-up, then 20 s an epoch
+        on_row(2, 45.0)
+        return 0, 46.0, False
+    monkeypatch.setattr(run_experiments, "run_logged", two_epochs)
+    grid = run_experiments.GRIDS["tiny"]()
+    extra = ["--device", "cpu", "--fast_train"]
+    # (0.9 * 180 s - 5 s) // 20 s = 7 epochs
+    assert run_experiments.calibrate(grid, str(tmp_path), extra, 3.0) == 7
+    assert "--fast_train" not in calls[0] and calls[0][-2:] == ["--device", "cpu"]
+    assert "20.0 s per epoch, 5.0 s start-up -> 7 epoch(s) per run" in capsys.readouterr().out
+    assert run_experiments.calibrate(grid, str(tmp_path), extra, 1.0) == 2 and len(calls) == 1  # cached
+    assert run_experiments.calibrate(grid, str(tmp_path), ["--device", "cpu"], 0.1) == 1 and len(calls) == 2
+
+
 def test_plotter_writes_figures_and_table(grid, tmp_path):
     out, _, _ = grid
     report = tmp_path / "report"
