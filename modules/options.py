@@ -374,6 +374,8 @@ def given_flags(make_parser, argv, known_only=False):
 
 def writable_folder(path, flag="--save_root"):
     """Create `path` if needed and check that a file can be written in it. Raises ConfigError."""
+    if os.path.exists(path) and not os.path.isdir(path):  # makedirs would say only "File exists"
+        raise ConfigError(f"{flag} {path} is a file, not a folder; choose another folder")
     probe = os.path.join(path, f".write_test{os.getpid()}")
     try:
         os.makedirs(path, exist_ok=True)

@@ -637,6 +637,18 @@ def test_unwritable_save_root_is_refused_before_any_work(baseline, dr, tmp_path,
     assert f"--save_root {blocked / 'out'} is not writable" in line
 
 
+def test_save_root_that_is_a_file_is_named_so(baseline, dr, tmp_path, capsys):
+    """It read 'is not writable (File exists)'; --overwrite leaves the file alone."""
+    a_file = tmp_path / "a_file"
+    a_file.write_text("keep")
+    assert Trainer.main(["--DR", dr, *TINY, "--save_root", str(a_file), "--overwrite"]) == 2
+    assert f"--save_root {a_file} is a file, not a folder" in error_line(capsys.readouterr().err)
+    assert Tester.main(["--DR", dr, "--device", "cpu", "--test_len", "20", "--no_gif",
+                        "--ckpt_path", os.path.join(baseline, "last.ckpt"), "--save_root", str(a_file)]) == 2
+    assert f"--save_root {a_file} is a file, not a folder" in error_line(capsys.readouterr().err)
+    assert a_file.read_text() == "keep"
+
+
 def test_existing_save_root_is_never_silently_overwritten(baseline, dr, tmp_path, capsys):
     run = str(tmp_path / "run")
     shutil.copytree(baseline, run)
