@@ -27,7 +27,7 @@ from modules.checkpoint import CheckpointError, load_checkpoint, load_model_weig
 from modules.files import atomic_write, dump_json, outermost_missing, remove_empty_folders  # noqa: E402
 from modules.engine import OutOfMemory, first_line, is_out_of_memory  # noqa: E402
 from modules.metrics import SSIM_WINDOW, drift, psnr, ssim  # noqa: E402
-from modules.options import (TESTER_IGNORED, ConfigError, check_tester, given_flags, tester_parser,  # noqa: E402
+from modules.options import (TESTER_IGNORED, ConfigError, check_tester, given_flags, gpu_note, tester_parser,  # noqa: E402
                              writable_folder, write_failure_advice)
 from modules.runtime import prepare_model, resolve_speed, rollout, to_float  # noqa: E402
 from modules.visualize import save_gif, save_psnr_plot, save_strip  # noqa: E402
@@ -103,6 +103,8 @@ def run(args, written=None, given=()):
     seqs = TestSequences(args.DR, args.frame_H, args.frame_W, test_len=args.test_len, cache=not args.no_cache,
                          split=args.split, workers=args.num_workers)
     H, W, L, K = args.frame_H, args.frame_W, args.test_len, args.num_samples
+    if gpu_note(args):
+        print(gpu_note(args), flush=True)
     print(f"Generating {len(seqs)} sequence(s) x {K} sample(s) x {L} frames on {speed.device} "
           f"(prior {margs['prior']}, z_mode {args.z_mode}, seed {args.seed})", flush=True)
     if K > 1 and args.z_mode != "sample":

@@ -33,7 +33,7 @@ from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, lo
 from modules.engine import (OutOfMemory, SpikeGuard, TrainingDiverged, WindowBatches, epoch_settings,  # noqa: E402
                             first_line, is_out_of_memory, train_one_epoch, validate)
 from modules.files import atomic_write, outermost_missing, remove_empty_folders, write_json  # noqa: E402
-from modules.options import (ConfigError, check_trainer, given_flags, trainer_parser, writable_folder,  # noqa: E402
+from modules.options import (ConfigError, check_trainer, given_flags, gpu_note, trainer_parser, writable_folder,  # noqa: E402
                              write_failure_advice)
 from modules.runtime import prepare_model, resolve_speed  # noqa: E402
 from modules.schedules import kl_schedule_note  # noqa: E402
@@ -504,9 +504,10 @@ def _train(args, d, stop, claimed):
         print(f"Training on {speed.device} ({d.world_size} process(es)), amp={speed.amp}, "
               f"channels_last={speed.channels_last}, compile={speed.compile}; "
               f"{len(train_set)} windows of {args.train_vi_len} frames; writing to {args.save_root}", flush=True)
-        note = kl_schedule_note(args.kl_anneal_type, args.num_epoch, args.kl_anneal_cycle, args.kl_anneal_ratio)
-        if note:
-            print(note, flush=True)
+        for note in (gpu_note(args),
+                     kl_schedule_note(args.kl_anneal_type, args.num_epoch, args.kl_anneal_cycle, args.kl_anneal_ratio)):
+            if note:
+                print(note, flush=True)
 
     stop.install()
     params = list(model.parameters())

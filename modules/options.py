@@ -82,7 +82,8 @@ def common_parser():
     g = p.add_argument_group("device and speed")
     g.add_argument("--device", type=str, default=None, help="cuda, cuda:N or cpu (default: cuda when present)")
     g.add_argument("--gpu", type=int, default=1,
-                   help="accepted for lab scripts and ignored: pick a card with --device cuda:N")
+                   help="accepted for lab scripts and ignored (a value other than 1 is noted): pick a card with "
+                        "--device cuda:N")
     g.add_argument("--seed", type=int, default=0, help="seed of every random draw (weights, data order, z)")
     g.add_argument("--amp", choices=AUTO, default="auto",
                    help="bfloat16 autocast (auto: on for CUDA and for CPUs with bf16 instructions)")
@@ -292,6 +293,14 @@ def check_common(args):
     elif args.device != "cpu":
         raise ConfigError(f"--device must be cpu, cuda or cuda:N, got {args.device!r}")
     return args
+
+
+def gpu_note(args):
+    """A note when --gpu names a card: the flag is the lab's and takes no effect here."""
+    if args.gpu == 1:  # the lab's default, which its scripts pass
+        return None
+    return (f"note: --gpu {args.gpu} takes no effect (accepted for the lab's scripts); this runs on {args.device}: "
+            "pick a card with --device cuda:N")
 
 
 def check_model(args):

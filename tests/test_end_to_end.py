@@ -207,7 +207,7 @@ def test_trainer_keeps_a_lab_checkpoints_activation(run, tmp_path):
     assert loaded.label_transformation[3].negative_slope == 1.0
 
 
-def test_the_labs_tester_command_line_runs(run, tmp_path):
+def test_the_labs_tester_command_line_runs(run, tmp_path, capsys):
     """The lab's Tester takes the Trainer's flags and --no_sanity, --test, --make_gif; each was an
     'unrecognized arguments' error."""
     dr, save = run
@@ -221,6 +221,20 @@ def test_the_labs_tester_command_line_runs(run, tmp_path):
     assert Tester.main(["--DR", str(dr), "--save_root", str(out), "--ckpt_path", str(save / "best.ckpt"),
                         "--test_len", "20", "--device", "cpu", *lab]) == 0
     assert (out / "submission.csv").is_file() and (out / "pred_seq0.gif").is_file()
+    assert "--gpu" not in capsys.readouterr().out  # the lab's own value: no note
+
+
+def test_gpu_naming_a_card_is_noted(run, tmp_path, capsys):
+    """--gpu is the lab's flag and picks nothing here: --gpu 3 ran on the default device silently."""
+    dr, save = run
+    assert Tester.main(["--DR", str(dr), "--save_root", str(tmp_path / "t"), "--ckpt_path", str(save / "best.ckpt"),
+                        "--test_len", "20", "--device", "cpu", "--no_gif", "--gpu", "3"]) == 0
+    assert "note: --gpu 3 takes no effect (accepted for the lab's scripts); this runs on cpu: pick a card with " \
+           "--device cuda:N" in capsys.readouterr().out
+    assert Trainer.main(["--DR", str(dr), "--save_root", str(tmp_path / "r"), "--F_dim", "16", "--L_dim", "8",
+                         "--N_dim", "4", "--D_out_dim", "16", "--train_vi_len", "4", "--partial", "0.25",
+                         "--val_vi_len", "10", "--num_epoch", "1", "--device", "cpu", "--gpu", "0"]) == 0
+    assert "note: --gpu 0 takes no effect" in capsys.readouterr().out
 
 
 def test_tester_notes_model_flags_the_checkpoint_contradicts(run, tmp_path, capsys):
