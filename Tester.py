@@ -103,8 +103,9 @@ def run(args, written=None, given=()):
     seqs = TestSequences(args.DR, args.frame_H, args.frame_W, test_len=args.test_len, cache=not args.no_cache,
                          split=args.split, workers=args.num_workers)
     H, W, L, K = args.frame_H, args.frame_W, args.test_len, args.num_samples
-    if gpu_note(args):
-        print(gpu_note(args), flush=True)
+    note = gpu_note(args)
+    if note:
+        print(note, flush=True)
     print(f"Generating {len(seqs)} sequence(s) x {K} sample(s) x {L} frames on {speed.device} "
           f"(prior {margs['prior']}, z_mode {args.z_mode}, seed {args.seed})", flush=True)
     if K > 1 and args.z_mode != "sample":

@@ -47,15 +47,13 @@ class SpikeGuard:
         """A device bool: whether `norm` (finite) is a spike (always False while warming up)."""
         if not self.k or self.taken < self.WARMUP:
             return torch.zeros((), dtype=torch.bool, device=norm.device)
-        self.ref = self.ref.to(norm.device)  # read from a checkpoint: on the CPU (a no-op after)
-        return norm > self.k * self.ref
+        return norm > self.k * self.ref.to(norm.device)  # on the CPU if read from a checkpoint
 
     def took(self, norm):
         """The update with this (finite) norm was taken."""
         norm = norm.detach().float()
-        if self.ref is not None:
-            self.ref = self.ref.to(norm.device)
-        self.ref = norm.clone() if self.ref is None else self.ref.mul(self.DECAY).add_(norm, alpha=1 - self.DECAY)
+        self.ref = (norm.clone() if self.ref is None
+                    else self.ref.to(norm.device).mul(self.DECAY).add_(norm, alpha=1 - self.DECAY))
         self.taken += 1
         self.run = 0
 

@@ -246,12 +246,12 @@ def results_table(runs):
             "test PSNR", "test SSIM"] + (["best-of-K PSNR (oracle)"] if oracle else []) + ["copy-first PSNR"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
-        a, t, best = run["args"], run["test"], best_row(run)
+        a, t, best, stale = run["args"], run["test"], best_row(run), stale_test(run)
         k = t.get("args", {}).get("num_samples", 1)
         cells = [run["name"], LABELS["kl"](a), tf_label(a), LABELS["prior"](a), a.get("recon", "mse"),
                  str(run["rows"][-1]["epoch"]),
                  f"{fmt(best['val_psnr'])} ({best['epoch']})" if best else "-",
-                 fmt(t.get("psnr")) + (f" (stale: epoch {stale_test(run)[0]})" if stale_test(run) else ""),
+                 fmt(t.get("psnr")) + (f" (stale: epoch {stale[0]})" if stale else ""),
                  fmt(t.get("ssim"), ".4f")]
         if oracle:
             cells.append(f"{fmt(t.get('best_of_k_psnr'))} (K={k})" if k > 1 else "-")
@@ -281,8 +281,9 @@ def make_report(run_dirs, out):
         written.append(compare(prior, "Fixed vs learned prior", os.path.join(out, "prior_compare.png")))
     written.append(psnr_per_frame(runs, os.path.join(out, "psnr_per_frame.png")))
     for run in runs:
-        if stale_test(run):
-            (tested, now), ckpt = stale_test(run), os.path.basename(run["test"]["args"]["ckpt_path"])
+        stale = stale_test(run)
+        if stale:
+            (tested, now), ckpt = stale, os.path.basename(run["test"]["args"]["ckpt_path"])
             print(f"note: {run['name']}: test/results.json is of the epoch-{tested} {ckpt}; the run's {ckpt} is now "
                   f"epoch {now}: test it again (python Tester.py --ckpt_path {os.path.join(run['path'], ckpt)})",
                   file=sys.stderr)
