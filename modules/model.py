@@ -395,7 +395,9 @@ class VAE_Model(nn.Module):
     def _decode(self, prev_feat, label_feat, z, prev_img):
         """decode(), the flow in pixels (None without warp) and pose_flow's DancerLayer (else None)."""
         prev_feat, first_pose_feat = self._split(prev_feat)
-        fused = self.Decoder_Fusion(prev_feat, label_feat, z)
+        # z in the features' dtype: z from float32 noise would make the fusion's input, and with it
+        # the residual stream of its first block, float32 under autocast (a cast per convolution).
+        fused = self.Decoder_Fusion(prev_feat, label_feat, z.to(prev_feat.dtype))
         flow = layer = None
         first = prev_img
         if self.flow is not None:

@@ -141,10 +141,11 @@ def make_step_fn(model, speed, z_mode, example):
     instead of one per kernel. Otherwise the eager step, run under the caller's speed.autocast().
     With speed.compile_gen the step is compiled first (fused element-wise kernels, so fewer
     kernels per frame); the compiled step is captured like the eager one."""
-    if speed.amp and (speed.cuda_graphs or speed.compile_gen):
+    if speed.amp:
         # A captured or compiled step keeps no autocast cache: each call would cast every
         # convolution's weights to bfloat16 again (169 casts per step at the lab's dims, about as
-        # many kernels as the step itself runs). Cast once; the step computes the same function.
+        # many kernels as the step itself runs); an eager one would cast the ConvFFN's weight
+        # halves, views that autocast does not cache. Cast once; the step computes the same function.
         model = with_bf16_convs(model)
     step = torch.compile(model.step, dynamic=False, mode=speed.compile_mode) if speed.compile_gen else model.step
     if not speed.cuda_graphs:

@@ -399,6 +399,46 @@ def test_compiled_or_captured_step_runs_the_bf16_copy(monkeypatch):
     assert seen[1] is model
 
 
+def test_eager_step_under_amp_runs_the_bf16_copy(monkeypatch):
+    """The eager step under --amp runs the bf16 copy too (the ConvFFN's weight halves are views,
+    which autocast would cast again at every frame), and its frames are the model's own under
+    autocast; without --amp it runs the model itself."""
+    seen = []
+    monkeypatch.setattr(VAE_Model, "step", lambda self, *a: seen.append(self) or a[0])
+    model = VAE_Model(*TINY).eval()
+    cpu = torch.device("cpu")
+    for amp in (True, False):
+        make_step_fn(model, Speed(cpu, amp, False, False, False, True), "sample", None)(torch.zeros(1), None, None)
+    assert seen[0] is not model and seen[0].Generator[-1].weight.dtype == torch.bfloat16
+    assert seen[1] is model
+    monkeypatch.undo()
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(*TINY, residual=True)).eval()
+    first, labels = torch.rand(2, 3, 32, 64), torch.rand(2, 4, 3, 32, 64)
+    eps = model.sample_noise(2, 4, 32, 64, generator=torch.Generator().manual_seed(1))
+    amp = Speed(cpu, True, False, False, False, True)
+    with torch.no_grad(), amp.autocast():
+        label_feat = model.encode_labels(labels[:, 1:].flatten(0, 1)).unflatten(0, (2, 3))
+        ref = model.generate(first, None, eps, label_feat=label_feat)
+        out = rollout(model, first, labels, eps, amp)
+    assert torch.equal(out, ref)
+
+
+def test_conv_ffn_halves_are_the_chunks_of_its_convolution():
+    """ConvFFN runs its gate's halves as two convolutions on the halves of one weight (contiguous
+    outputs in channels_last): the lab's function, x + conv_out(a * LeakyReLU(b)) with (a, b) the
+    halves of conv(x), in float32, in either memory format."""
+    from modules.layers import ConvFFN
+    torch.manual_seed(0)
+    ffn = jitter(ConvFFN(24))
+    x = torch.randn(2, 24, 8, 16)
+    a, b = ffn.conv(x).chunk(2, dim=1)
+    ref = x + ffn.conv_out(a * ffn.relu(b))
+    torch.testing.assert_close(ffn(x), ref, rtol=1e-6, atol=1e-6)
+    ffn.to(memory_format=torch.channels_last)
+    torch.testing.assert_close(ffn(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-6, atol=1e-6)
+
+
 def test_captured_step_keeps_its_bf16_copy_alive(monkeypatch):
     """A CUDA graph reads the weights at the addresses it captured and holds no reference to them,
     so the replay must keep the bf16 copy alive: it once did not, the copy was freed and its
