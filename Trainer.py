@@ -510,7 +510,7 @@ def _train(args, d, stop, claimed):
                 print(note, flush=True)
 
     stop.install()
-    params = list(model.parameters())
+    params = list(model.named_parameters())  # names for the guard's note
     metrics_path = os.path.join(args.save_root, "metrics.jsonl")
     last = os.path.join(args.save_root, "last.ckpt")
     # metrics.jsonl keeps the rows of epochs after start_epoch (a run taken back to an earlier

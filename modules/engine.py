@@ -67,6 +67,18 @@ class SpikeGuard:
         return False
 
 
+def largest_share(named):
+    """(name, share): the parameter whose gradient holds the largest part of the squared gradient
+    norm, and that part. Tells apart the two kinds of skipped update seen so far (docs/RESULTS.md):
+    an outlier batch, spread over the decoder's layers, and the KL pulling a uniform offset of the
+    posterior's mean back to the prior, all of it in the posterior's last bias. Host syncs: called
+    at a skipped update only."""
+    named = [(n, p.grad) for n, p in named if p.grad is not None]
+    sq = torch.stack([g.detach().float().pow(2).sum() for _, g in named])
+    i = int(sq.argmax())
+    return named[i][0], (sq[i] / sq.sum()).item()
+
+
 class OutOfMemory(RuntimeError):
     """A training step ran out of device memory in a run of several processes (one process
     instead stops like an interrupted run, with its position saved)."""
@@ -176,6 +188,9 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
                     should_stop=lambda: False, is_main=True, all_reduce=None, nan_run=0, watch=None, guard=None):
     """Train one epoch; returns (metrics dict, finished: bool, progress dict).
 
+    params: the model's named parameters, [(name, tensor)], whose gradient is clipped (the names
+    are for the note on a skipped update).
+
     watch: called on the main process at every log point (--log_every steps) with the mean
     training reconstruction error of the steps since the previous one (the Trainer's divergence
     note reads it there, so it needs no epoch to end).
@@ -252,7 +267,8 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
                 raise OutOfMemory(f"out of memory at epoch {epoch + 1}, step {step}: {e}") from None
             oom = first_line(e)
             break
-        norm = torch.nn.utils.clip_grad_norm_(params, args.grad_clip if args.grad_clip > 0 else float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_([p for _, p in params],
+                                              args.grad_clip if args.grad_clip > 0 else float("inf"))
         # A non-finite loss or gradient skips the update, and so does a spike of the gradient norm
         # (SpikeGuard). This is the one host sync per step.
         finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
@@ -266,8 +282,10 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
             spikes += 1
             if is_main:
                 n, ref = norm.item(), guard.ref.item()
+                name, share = largest_share(params)
                 tqdm.write(f"note: epoch {epoch + 1} step {step}: gradient norm {n:.3g}, {n / ref:.0f}x the "
-                           f"recent average ({ref:.3g}); update skipped (--skip_spikes {args.skip_spikes:g})")
+                           f"recent average ({ref:.3g}); update skipped (--skip_spikes {args.skip_spikes:g}); "
+                           f"{share:.0%} of its square in {name}")
             bar.update(1)
             continue
         if bad:

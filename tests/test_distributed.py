@@ -323,12 +323,12 @@ def test_interrupted_epoch_resumes_with_another_global_batch():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     calls = iter(range(100))
     _, finished, progress = train_one_epoch(model, opt, WindowBatches(data, 1, speed.device, args.seed), 0, args,
-                                            speed, list(model.parameters()), should_stop=lambda: next(calls) >= 2)
+                                            speed, list(model.named_parameters()), should_stop=lambda: next(calls) >= 2)
     assert not finished and progress["step"] == 2 and progress["windows"] == 2
     assert model.seen == order[:2]
 
     model.seen = []
     metrics, finished, _ = train_one_epoch(model, opt, WindowBatches(data, 2, speed.device, args.seed), 0, args,
-                                           speed, list(model.parameters()), resume=progress)
+                                           speed, list(model.named_parameters()), resume=progress)
     assert finished and model.seen == order[2:]
     assert metrics["steps"] == 3  # 6 windows in steps of 2

@@ -26,7 +26,7 @@ import torch
 import Tester
 import Trainer
 from modules.checkpoint import load_checkpoint, save_checkpoint
-from modules.engine import SpikeGuard
+from modules.engine import SpikeGuard, largest_share
 from modules.model import VAE_Model
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -389,6 +389,24 @@ def test_an_outlier_update_is_skipped(dr, tmp_path, monkeypatch, capsys):
     assert len(taken) == 11 and rows(run)[0]["spikes_skipped"] == 1 and rows(run)[0]["nan_skipped"] == 0
     assert len(notes) == 1 and notes[0].startswith("note: epoch 1 step 6: gradient norm")
     assert "x the recent average" in notes[0] and "--skip_spikes 10" in notes[0]
+    share, name = re.search(r"; (\d+)% of its square in ([\w.]+)$", notes[0]).groups()
+    assert 0 < int(share) <= 100 and name in dict(VAE_Model().named_parameters())
+
+
+def test_the_skip_note_names_where_the_gradient_lies():
+    """largest_share names the parameter with the largest part of the squared gradient norm: the
+    posterior's last bias when the KL pulls its mean back (the case of docs/RESULTS.md)."""
+    model = VAE_Model(16, 8, 4, 16)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 1e-4)
+    bias = model.Gaussian_Predictor[-1].bias
+    bias.grad = torch.full_like(bias, 3.0)
+    name, share = largest_share(model.named_parameters())
+    total = sum(p.grad.pow(2).sum() for p in model.parameters())
+    assert name == "Gaussian_Predictor.6.bias" and share == pytest.approx((bias.grad.pow(2).sum() / total).item())
+    assert 0.99 < share < 1
+    model.Generator[-1].weight.grad = torch.full_like(model.Generator[-1].weight, 10.0)
+    assert largest_share(model.named_parameters())[0] == "Generator.7.weight"
 
 
 def test_without_the_guard_every_update_is_taken(dr, tmp_path, monkeypatch, capsys):
