@@ -932,9 +932,12 @@ def test_ctrl_c_while_torch_loads_exits_quietly(script):
     """Ctrl-C in the seconds the script spends importing torch: exit code 130 and no traceback,
     as after main() has started. The signal is sent once torch's library is mapped into the
     process (its import has begun; the rest of it takes a second or more)."""
+    # Ctrl-C as in a terminal: a suite started in the background of a script inherits SIGINT
+    # ignored (POSIX), and so would the child, whose --help would then run to its end.
+    terminal = lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)  # noqa: E731
     for _ in range(5):  # on a busy machine this loop can see the mapping only after --help is done
         proc = subprocess.Popen([sys.executable, script, "--help"], cwd=ROOT, env=ENV, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=terminal)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and proc.poll() is None:
             with open(f"/proc/{proc.pid}/maps") as f:
