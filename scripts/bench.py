@@ -7,7 +7,9 @@ one process on the same machine, for the same model and batch.
 Training frames/s counts predicted frames (batch x (train_vi_len - 1)) per second of
 optimizer steps on random data (speed does not depend on content). Generation frames/s counts
 generated frames of full autoregressive rollouts (z from the prior). The plain path is the lab's
-way: a per-frame loop, float32, one sequence at a time, a host sync per step. Activation
+way: a per-frame loop, float32, one sequence at a time, a host sync per step; it generates the
+same --gen_seqs sequences as the fast path's batch, one after another. Each rollout is timed after
+an untimed one (one sequence for the plain path, the whole batch for the fast path). Activation
 memory is the peak of one forward + backward pass above what was allocated before it, per
 sample-frame (CUDA: the allocator's statistics; CPU: the profiler's allocation record).
 With --rounds N both paths are measured N times, alternating, and each figure is the median.
@@ -131,12 +133,13 @@ def time_generation(model, speed, args, n_seq, plain):
     first = to_float(torch.randint(0, 256, (n_seq, 3, H, W), dtype=torch.uint8, generator=g), speed)
     labels = to_float(torch.randint(0, 256, (n_seq, L, 3, H, W), dtype=torch.uint8, generator=g), speed)
     eps = model.sample_noise(n_seq, L, H, W, generator=g).to(speed.device)
-    warm_s = 0.0
-    if not plain:  # one untimed rollout: compile, cuDNN autotuning and allocator warm-up
-        t0 = time.perf_counter()
-        rollout(model, first, labels, eps, speed)
-        sync(speed.device)
-        warm_s = time.perf_counter() - t0
+    # One untimed rollout: compile, cuDNN autotuning, oneDNN's kernels and allocator warm-up. The
+    # plain path generates one sequence at a time, so one sequence warms it up.
+    k = 1 if plain else n_seq
+    t0 = time.perf_counter()
+    rollout(model, first[:k], labels[:k], eps[:, :k], speed)
+    sync(speed.device)
+    warm_s = time.perf_counter() - t0
     sync(speed.device)
     t0 = time.perf_counter()
     rollout(model, first, labels, eps, speed)
@@ -195,8 +198,9 @@ def measure(base, plain, fast, args, log):
          _) = time_training(m, plain, args, eager=True)
         log(f"eager train: {res['eager_train_frames_per_s']:.1f} frames/s, "
             f"activations {res['eager_act_mem_mb_per_sample_frame']:.2f} MB per sample-frame")
-        res["eager_gen_frames_per_s"], _ = time_generation(m, plain, args, 1, plain=True)
-        log(f"eager generation (1 sequence): {res['eager_gen_frames_per_s']:.1f} frames/s")
+        # The same sequences as the fast path's batch, one after another as the plain path runs them.
+        res["eager_gen_frames_per_s"], _ = time_generation(m, plain, args, args.gen_seqs, plain=True)
+        log(f"eager generation ({args.gen_seqs} sequences, one at a time): {res['eager_gen_frames_per_s']:.1f} frames/s")
         del m
     if fast.device.type == "cuda":
         torch.cuda.empty_cache()
