@@ -71,8 +71,8 @@ def largest_share(named):
     """(name, share): the parameter whose gradient holds the largest part of the squared gradient
     norm, and that part. Tells apart the two kinds of skipped update seen so far (docs/RESULTS.md):
     an outlier batch, spread over the decoder's layers, and the KL pulling a uniform offset of the
-    posterior's mean back to the prior, all of it in the posterior's last bias. Host syncs: called
-    at a skipped update only."""
+    posterior's mean back to the prior, nearly all of it in the posterior's last bias. Host
+    syncs: called at a skipped update only."""
     named = [(n, p.grad) for n, p in named if p.grad is not None]
     sq = torch.stack([g.detach().float().pow(2).sum() for _, g in named])
     i = int(sq.argmax())

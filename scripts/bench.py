@@ -140,7 +140,6 @@ def time_generation(model, speed, args, n_seq, plain):
     rollout(model, first[:k], labels[:k], eps[:, :k], speed)
     sync(speed.device)
     warm_s = time.perf_counter() - t0
-    sync(speed.device)
     t0 = time.perf_counter()
     rollout(model, first, labels, eps, speed)
     sync(speed.device)
