@@ -16,7 +16,7 @@ class TrainingDiverged(RuntimeError):
 
 
 class SpikeGuard:
-    """Skips an update whose gradient norm is over `k` times the recent norm.
+    """Skips an update whose gradient norm is over `k` times the recent norm of its kind of step.
 
     One update can spoil a run: in a 12-epoch CPU run (docs/RESULTS.md) a single batch gave a
     gradient norm of 1.36 where its neighbours gave 0.007-0.03; after that update the training error
@@ -24,47 +24,92 @@ class SpikeGuard:
     times its lowest. Replayed with that one update skipped, the run went on as before it.
     The reference is an exponential average of the norms of the updates taken (about the last 50);
     it acts after WARMUP of them (the first norms fall fast). A run of RUN spikes in a row is a
-    lasting change, not one batch (teacher forcing switched off for an epoch, say): the reference
-    then restarts from it and the update is taken. Its state goes in the checkpoints (`state()`), so
-    a resumed run decides as the uninterrupted one would."""
+    lasting change, not one batch: the reference then restarts from it and the update is taken.
+
+    A change of the objective is not an outlier either, so norms are compared within one objective
+    (the lab's recurrence in the report's grid, docs/RESULTS.md): teacher-forced and free-running
+    steps (step_kind) keep a reference each, a free-running step's norm being 10-30x a teacher-forced
+    one's; and a new beta restarts every reference from the next update of its kind, since after
+    an epoch at beta 0 the KL's first pull on the posterior was 140x the norm before it. Its state
+    goes in the checkpoints (`state()`), so a resumed run decides as the uninterrupted one would."""
     WARMUP, DECAY, RUN = 50, 0.98, 5
+    KINDS = ("all", "teacher_forced", "free_running")
 
     def __init__(self, k, state=None):
         """state: what `state()` returned, from a checkpoint (None: a new run)."""
         self.k = k
-        self.ref = None  # a device tensor: no host sync to update it
-        self.taken = 0   # updates averaged into ref
-        self.run = 0     # spikes in a row
-        if state:
-            self.ref = None if state["ref"] is None else torch.tensor(state["ref"], dtype=torch.float32)
-            self.taken, self.run = state["taken"], state["run"]
+        self.beta = None   # the objective's beta the references were measured under
+        self.kinds = {}    # kind -> {"ref": device tensor (no host sync to update it) or None,
+        #                           "taken": updates averaged into ref, "run": spikes in a row}
+        if state and "kinds" in state:
+            self.beta = state["beta"]
+            for kind, s in state["kinds"].items():
+                self.kinds[kind] = self._entry(s["ref"], s["taken"], s["run"])
+        elif state:  # written before the kinds: one reference for every step
+            for kind in self.KINDS:
+                self.kinds[kind] = self._entry(state["ref"], state["taken"], state["run"])
+
+    @staticmethod
+    def _entry(ref, taken, run):
+        return {"ref": None if ref is None else torch.tensor(ref, dtype=torch.float32), "taken": taken, "run": run}
+
+    def _of(self, kind):
+        return self.kinds.setdefault(kind, self._entry(None, 0, 0))
 
     def state(self):
-        """Plain numbers for a checkpoint (one host sync: at checkpoints only)."""
-        return {"ref": None if self.ref is None else self.ref.item(), "taken": self.taken, "run": self.run}
+        """Plain numbers for a checkpoint (host syncs: at checkpoints only)."""
+        return {"beta": self.beta, "kinds": {kind: {"ref": None if s["ref"] is None else s["ref"].item(),
+                                                    "taken": s["taken"], "run": s["run"]}
+                                             for kind, s in self.kinds.items()}}
 
-    def is_spike(self, norm):
+    def begin_epoch(self, beta):
+        """Before an epoch's first step (a resumed epoch's too): under a new beta every reference
+        restarts from the next update of its kind and acts after it (one still warming up goes on
+        warming up)."""
+        if self.beta is not None and beta != self.beta:
+            for s in self.kinds.values():
+                s["ref"], s["taken"], s["run"] = None, min(s["taken"], self.WARMUP - 1), 0
+        self.beta = beta
+
+    def reference(self, kind):
+        """The average norm a step of this kind is compared with (a host sync)."""
+        return self._of(kind)["ref"].item()
+
+    def is_spike(self, norm, kind):
         """A device bool: whether `norm` (finite) is a spike (always False while warming up)."""
-        if not self.k or self.taken < self.WARMUP:
+        s = self._of(kind)
+        if not self.k or s["taken"] < self.WARMUP:
             return torch.zeros((), dtype=torch.bool, device=norm.device)
-        return norm > self.k * self.ref.to(norm.device)  # on the CPU if read from a checkpoint
+        return norm > self.k * s["ref"].to(norm.device)  # on the CPU if read from a checkpoint
 
-    def took(self, norm):
+    def took(self, norm, kind):
         """The update with this (finite) norm was taken."""
+        s = self._of(kind)
         norm = norm.detach().float()
-        self.ref = (norm.clone() if self.ref is None
-                    else self.ref.to(norm.device).mul(self.DECAY).add_(norm, alpha=1 - self.DECAY))
-        self.taken += 1
-        self.run = 0
+        s["ref"] = (norm.clone() if s["ref"] is None
+                    else s["ref"].to(norm.device).mul(self.DECAY).add_(norm, alpha=1 - self.DECAY))
+        s["taken"] += 1
+        s["run"] = 0
 
-    def skips(self):
+    def skips(self, kind):
         """A spike was found: whether to skip its update. The RUN-th in a row is taken instead, and
         its norm becomes the reference (took() is called next with it)."""
-        self.run += 1
-        if self.run < self.RUN:
+        s = self._of(kind)
+        s["run"] += 1
+        if s["run"] < self.RUN:
             return True
-        self.ref, self.taken = None, self.WARMUP - 1
+        s["ref"], s["taken"] = None, self.WARMUP - 1
         return False
+
+
+def step_kind(tf, args):
+    """Which of SpikeGuard's references a step is compared with. The lab's recurrence with a
+    teacher-forcing coin per epoch or per step makes two kinds of step, teacher-forced and
+    free-running; coins per frame mix them within every step, and condition="first" reads no
+    previous frame, so every step is of one kind."""
+    if getattr(args, "condition", "previous") == "first" or isinstance(tf, list):
+        return "all"
+    return "teacher_forced" if tf else "free_running"
 
 
 def largest_share(named):
@@ -227,6 +272,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
     nan_total = resume.get("nan_skipped", 0) if resume else 0
     spikes = resume.get("spikes_skipped", 0) if resume else 0
     guard = guard if guard is not None else SpikeGuard(args.skip_spikes)
+    guard.begin_epoch(beta)
     nan_run = resume.get("nan_run", nan_run) if resume else nan_run
     bar = tqdm(range(steps_per_epoch), initial=start, total=steps_per_epoch, disable=not is_main,
                desc=f"epoch {epoch + 1}/{args.num_epoch}", dynamic_ncols=True, leave=False)
@@ -272,19 +318,21 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
         # A non-finite loss or gradient skips the update, and so does a spike of the gradient norm
         # (SpikeGuard). This is the one host sync per step.
         finite = torch.isfinite(loss.detach()) & torch.isfinite(norm)
-        flags = torch.stack([~finite, finite & guard.is_spike(norm)])
+        kind = step_kind(tf, args)
+        flags = torch.stack([~finite, finite & guard.is_spike(norm, kind)])
         if all_reduce is not None:
             # Every rank must skip together, or the replicas drift apart (and one rank raising
             # TrainingDiverged alone would leave the others waiting in the next collective).
             flags = all_reduce(flags.float()) > 0
         bad, spike = flags.tolist()
-        if spike and not bad and guard.skips():
+        if spike and not bad and guard.skips(kind):
             spikes += 1
             if is_main:
-                n, ref = norm.item(), guard.ref.item()
+                n, ref = norm.item(), guard.reference(kind)
                 name, share = largest_share(params)
+                of = "" if kind == "all" else f" of {kind.replace('_', '-')} steps"
                 tqdm.write(f"note: epoch {epoch + 1} step {step}: gradient norm {n:.3g}, {n / ref:.0f}x the "
-                           f"recent average ({ref:.3g}); update skipped (--skip_spikes {args.skip_spikes:g}); "
+                           f"recent average{of} ({ref:.3g}); update skipped (--skip_spikes {args.skip_spikes:g}); "
                            f"{share:.0%} of its square in {name}")
             bar.update(1)
             continue
@@ -301,7 +349,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
             bar.update(1)
             continue
         nan_run = 0
-        guard.took(norm)
+        guard.took(norm, kind)
         optimizer.step()
         b = float(img.shape[0])  # loss, recon and kl are means over the step's windows
         contrib = torch.stack([loss.detach().float() * b, out["recon"].detach().float() * b,
