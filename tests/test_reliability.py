@@ -358,16 +358,18 @@ def test_small_errors_after_a_spike_are_measured_exactly(dr, tmp_path, monkeypat
     assert sum(l.startswith("note: the last step's training mse") for l in capsys.readouterr().out.splitlines()) == 1
 
 
-def outlier_updates(monkeypatch, steps):
-    """The training steps numbered in `steps` (1, 2, ...) get a loss 1e4 times the true one, so a
-    gradient norm 1e4 times larger; returns the count of optimizer updates taken."""
-    forward, calls, taken = VAE_Model.forward, [], []
+def scaled_training_steps(monkeypatch, scale):
+    """Every training forward's loss times scale(step number from 1, teacher_forcing); returns the
+    count of optimizer updates taken and the list of teacher_forcing values seen."""
+    forward, seen, taken = VAE_Model.forward, [], []
 
-    def spiked(self, *a, **kw):
-        out = forward(self, *a, **kw)
-        calls.append(1)
-        return dict(out, loss=out["loss"] * 1e4) if len(calls) in steps else out
-    monkeypatch.setattr(VAE_Model, "forward", spiked)
+    def scaled(self, img, label, teacher_forcing=True, *a, **kw):
+        out = forward(self, img, label, teacher_forcing, *a, **kw)
+        if not self.training:
+            return out
+        seen.append(teacher_forcing)
+        return dict(out, loss=out["loss"] * scale(len(seen), teacher_forcing))
+    monkeypatch.setattr(VAE_Model, "forward", scaled)
     step = torch.optim.Adam.step
 
     def counted(self, *a, **kw):
@@ -375,7 +377,13 @@ def outlier_updates(monkeypatch, steps):
         return step(self, *a, **kw)
     monkeypatch.setattr(torch.optim.Adam, "step", counted)
     monkeypatch.setattr(SpikeGuard, "WARMUP", 3)  # the tiny epoch has 12 steps, not the 50 it waits for
-    return taken
+    return taken, seen
+
+
+def outlier_updates(monkeypatch, steps):
+    """The training steps numbered in `steps` (1, 2, ...) get a loss 1e4 times the true one, so a
+    gradient norm 1e4 times larger; returns the count of optimizer updates taken."""
+    return scaled_training_steps(monkeypatch, lambda n, tf: 1e4 if n in steps else 1.0)[0]
 
 
 def test_an_outlier_update_is_skipped(dr, tmp_path, monkeypatch, capsys):
@@ -451,28 +459,6 @@ def test_a_resume_keeps_the_guards_reference(dr, tmp_path, monkeypatch):
     outlier_at_training_step(2)  # the same step, counted from the resume
     assert Trainer.main(["--resume", resumed]) == 0
     assert rows(resumed) == rows(whole)
-
-
-def scaled_training_steps(monkeypatch, scale):
-    """Every training forward's loss times scale(step number from 1, teacher_forcing); returns the
-    count of optimizer updates taken and the list of teacher_forcing values seen."""
-    forward, seen, taken = VAE_Model.forward, [], []
-
-    def scaled(self, img, label, teacher_forcing=True, *a, **kw):
-        out = forward(self, img, label, teacher_forcing, *a, **kw)
-        if not self.training:
-            return out
-        seen.append(teacher_forcing)
-        return dict(out, loss=out["loss"] * scale(len(seen), teacher_forcing))
-    monkeypatch.setattr(VAE_Model, "forward", scaled)
-    step = torch.optim.Adam.step
-
-    def counted(self, *a, **kw):
-        taken.append(1)
-        return step(self, *a, **kw)
-    monkeypatch.setattr(torch.optim.Adam, "step", counted)
-    monkeypatch.setattr(SpikeGuard, "WARMUP", 3)
-    return taken, seen
 
 
 def test_free_running_steps_are_compared_with_free_running_steps(dr, tmp_path, monkeypatch, capsys):
