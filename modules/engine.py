@@ -28,9 +28,9 @@ class SpikeGuard:
 
     A change of the objective is not an outlier either, so norms are compared within one objective
     (the lab's recurrence in the report's grid, docs/RESULTS.md): teacher-forced and free-running
-    steps (step_kind) keep a reference each, a free-running step's norm being 10-30x a teacher-forced
+    steps (step_kind) keep a reference each, a free-running step's norm being 11-26x a teacher-forced
     one's; and a new beta restarts every reference from the next update of its kind, since after
-    an epoch at beta 0 the KL's first pull on the posterior was 140x the norm before it. Its state
+    an epoch at beta 0 the KL's first pull on the posterior was 135-142x the norm before it. Its state
     goes in the checkpoints (`state()`), so a resumed run decides as the uninterrupted one would."""
     WARMUP, DECAY, RUN = 50, 0.98, 5
     KINDS = ("all", "teacher_forced", "free_running")
