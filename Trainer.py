@@ -325,7 +325,7 @@ def plain_args(args):
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, list, type(None)))}
 
 
-def make_state(model, optimizer, args, epoch, progress, best_psnr, nan_skipped, guard):
+def make_state(model, optimizer, args, epoch, progress, best_psnr, nan_skipped, nan_run, guard):
     beta, tfr, _ = epoch_settings(min(epoch, args.num_epoch - 1), args)
     return {
         "format": FORMAT, "version": VERSION,
@@ -335,6 +335,7 @@ def make_state(model, optimizer, args, epoch, progress, best_psnr, nan_skipped, 
         "epoch": epoch,               # epochs finished (or the epoch in progress when progress is set)
         "progress": progress,         # mid-epoch position, or None at an epoch boundary
         "best_psnr": best_psnr, "tfr": tfr, "beta": beta, "nan_skipped": nan_skipped,
+        "nan_run": nan_run,           # non-finite steps in a row: --max_nan_steps counts across epochs
         "spike_guard": guard.state(),  # --skip_spikes' reference: a resume decides as the run would have
         "rng": rng_state(), "args": plain_args(args), "saved_at": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -452,11 +453,11 @@ def _train(args, d, stop, claimed):
                           f"{args.batch_size} x {d.world_size} process(es) at {flag} {fraction}; "
                           "lower --batch_size or use more data")
     optimizer = build_optimizer(model, args, speed)
-    start_epoch, progress, best_psnr, nan_skipped, guard_state = 0, None, float("-inf"), 0, None
+    start_epoch, progress, best_psnr, nan_skipped, nan_run, guard_state = 0, None, float("-inf"), 0, 0, None
     if ckpt is not None and "optimizer" in ckpt and ckpt.get("format") == FORMAT:
         load_optimizer_state(optimizer, ckpt, args, d.is_main)
         start_epoch, progress = ckpt["epoch"], ckpt.get("progress")
-        nan_skipped, guard_state = ckpt.get("nan_skipped", 0), ckpt.get("spike_guard")
+        nan_skipped, nan_run, guard_state = ckpt.get("nan_skipped", 0), ckpt.get("nan_run", 0), ckpt.get("spike_guard")
         # best.ckpt is the best model validated in its folder: a run continued in another folder
         # writes one at its first validation, whatever the source run's best was.
         if continues_its_folder(args):
@@ -519,7 +520,6 @@ def _train(args, d, stop, claimed):
     trimmed = False
     # Where a failure before this run's first checkpoint leaves the user: at the checkpoint it started from.
     started_from = None if args.resume or not args.ckpt_path else args.ckpt_path
-    nan_run = 0  # non-finite steps in a row, counted across epoch boundaries
     guard = SpikeGuard(args.skip_spikes, guard_state)  # its reference carries across epochs
     # The lowest training error of this process, per epoch and per log window (--log_every
     # steps): a window 100x its lowest tells of a divergence within the epoch, the first included.
@@ -563,7 +563,7 @@ def _train(args, d, stop, claimed):
         if not finished:
             oom = prog.pop("oom", None)
             if d.is_main:
-                save_checkpoint(last, make_state(model, optimizer, args, epoch, prog, best_psnr, nan_skipped, guard))
+                save_checkpoint(last, make_state(model, optimizer, args, epoch, prog, best_psnr, nan_skipped, nan_run, guard))
                 if oom is None:
                     print(f"Stopped at epoch {epoch + 1}, step {prog['step']}; checkpoint {last}.\n"
                           f"Resume with: python Trainer.py --resume {args.save_root}", flush=True)
@@ -600,7 +600,7 @@ def _train(args, d, stop, claimed):
                 trimmed = True
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-            state = make_state(model, optimizer, args, epoch + 1, None, best_psnr, nan_skipped, guard)
+            state = make_state(model, optimizer, args, epoch + 1, None, best_psnr, nan_skipped, nan_run, guard)
             if is_best:
                 save_checkpoint(os.path.join(args.save_root, "best.ckpt"), state)
             if (epoch + 1) % args.per_save == 0:

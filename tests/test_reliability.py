@@ -280,6 +280,32 @@ def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run(dr, tmp_
     assert signal.getsignal(signal.SIGINT) is handler  # main() put the Ctrl-C handler back
 
 
+def test_a_resume_at_an_epoch_boundary_keeps_the_streak_of_bad_steps(dr, tmp_path, monkeypatch, capsys):
+    """Epoch 2 ends with 2 bad steps in a row; resumed from its checkpoint with every step bad, the
+    run stops after 2 more (a streak of 4 = --max_nan_steps), as it would have without the stop.
+    The count was kept in mid-epoch checkpoints only, so the resume stopped an epoch later."""
+    forward, calls, bad = VAE_Model.forward, [], {"from": None}
+
+    def poisoned(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        calls.append(1)
+        if len(calls) >= 5 or (bad["from"] is not None and len(calls) >= bad["from"]):
+            out = dict(out, loss=out["loss"] * float("nan"))
+        return out
+
+    monkeypatch.setattr(VAE_Model, "forward", poisoned)
+    run = str(tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "2", "--max_nan_steps", "4", "--save_root", run]) == 0
+        assert load_checkpoint(os.path.join(run, "last.ckpt"))["nan_run"] == 2
+        calls.clear()
+        bad["from"] = 1
+        rc = Trainer.main(["--resume", run, "--num_epoch", "4"])
+    assert rc == 2
+    assert "4 consecutive non-finite losses at epoch 3" in error_line(capsys.readouterr().err)
+
+
 def test_a_real_divergence_stops_with_a_message(dr, tmp_path, capsys):
     """No patching: a learning rate of 1e12 blows the weights up after one step."""
     with pytest.warns(UserWarning, match="non-finite loss or gradient; step skipped"):
