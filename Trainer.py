@@ -653,6 +653,7 @@ def say_error(msg):
 
 
 def main(argv=None):
+    started = time.time()  # a last.ckpt older than this is an earlier run's
     parser = trainer_parser()
     args = parser.parse_args(argv)
     try:
@@ -673,11 +674,22 @@ def main(argv=None):
                   "own error line says why. Checkpoints already written are intact")
         return 1
     except KeyboardInterrupt as e:  # a second Ctrl-C, or Ctrl-C or SIGTERM before training started
-        last = os.path.join(args.save_root or "", "last.ckpt")
-        where = (f"resume from the last checkpoint with: python Trainer.py --resume {args.save_root}"
-                 if args.save_root and os.path.isfile(last) else "no checkpoint was written")
-        say_error(f"interrupted; {where}")
+        say_error(f"interrupted; {interrupted_advice(args, started)}")
         return 143 if e.args == ("SIGTERM",) else 130
+
+
+def interrupted_advice(args, started):
+    """Where an interrupted run leaves the user. A last.ckpt older than this process is an earlier
+    run's: it is this run's to resume only under --resume; a run from --ckpt_path goes back to it."""
+    last = os.path.join(args.save_root or "", "last.ckpt")
+    if args.test:
+        return "nothing was written"
+    if args.resume or (args.save_root and os.path.isfile(last) and os.path.getmtime(last) >= started):
+        return f"resume from the last checkpoint with: python Trainer.py --resume {args.resume or args.save_root}"
+    if args.ckpt_path:
+        return (f"no checkpoint was written; this run started from {args.ckpt_path}, which is intact: "
+                f"python Trainer.py --ckpt_path {args.ckpt_path}")
+    return "no checkpoint was written"
 
 
 def terminated(signum, frame):

@@ -1029,6 +1029,41 @@ def test_ctrl_c_before_training_exits_cleanly(dr, tmp_path, monkeypatch, capsys)
     assert "interrupted; no checkpoint was written" in error_line(capsys.readouterr().err)
 
 
+def test_a_second_ctrl_c_points_to_the_checkpoint_this_run_can_go_on_from(baseline, tmp_path, monkeypatch, capsys):
+    """A run started from epoch_1.ckpt of a finished folder was told to --resume that folder,
+    whose last.ckpt (the old run's, epoch 3) has nothing left to train; a --test run was told to
+    resume too. Once this run has written last.ckpt, --resume is right."""
+    run = str(tmp_path / "run")
+    shutil.copytree(baseline, run)
+    calls = []
+    train_one_epoch = Trainer.train_one_epoch
+
+    def second_ctrl_c(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return train_one_epoch(*a, **kw)
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", second_ctrl_c)
+    start = os.path.join(run, "epoch_1.ckpt")
+    calls.append(1)  # the first epoch is interrupted
+    assert Trainer.main(["--ckpt_path", start, "--num_epoch", "4"]) == 130
+    assert error_line(capsys.readouterr().err) == (
+        f"error: interrupted; no checkpoint was written; this run started from {start}, which is intact: "
+        f"python Trainer.py --ckpt_path {start}")
+    calls.clear()  # the second epoch is: the first one wrote last.ckpt
+    assert Trainer.main(["--ckpt_path", start, "--num_epoch", "4"]) == 130
+    assert error_line(capsys.readouterr().err) == \
+        f"error: interrupted; resume from the last checkpoint with: python Trainer.py --resume {run}"
+    assert load_checkpoint(os.path.join(run, "last.ckpt"))["epoch"] == 2
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "validate", interrupted)
+    assert Trainer.main(["--ckpt_path", os.path.join(run, "best.ckpt"), "--test"]) == 130
+    assert error_line(capsys.readouterr().err) == "error: interrupted; nothing was written"
+
+
 @pytest.mark.parametrize("script", ["Trainer.py", "Tester.py"])
 def test_ctrl_c_while_torch_loads_exits_quietly(script):
     """Ctrl-C in the seconds the script spends importing torch: exit code 130 and no traceback,
