@@ -53,8 +53,9 @@ def kl_schedule_note(kl_anneal_type, num_epoch, kl_anneal_cycle=10, kl_anneal_ra
 
 def teacher_forcing_ratio(epoch, tfr, tfr_sde, tfr_d_step):
     """The lab's schedule: after each finished epoch e (counted from 1) with e >= tfr_sde the ratio
-    drops by tfr_d_step, floored at 0. Returns the ratio used during `epoch` (0-based)."""
-    decays = max(0, epoch - tfr_sde + 1)
+    drops by tfr_d_step, floored at 0 (so the first epoch runs at tfr, and tfr_sde 0 acts as 1).
+    Returns the ratio used during `epoch` (0-based)."""
+    decays = max(0, epoch + 1 - max(tfr_sde, 1))
     return max(tfr - tfr_d_step * decays, 0.0)
 
 

@@ -55,7 +55,7 @@ def _report_grid():
 
 def _tiny_grid():
     # Two runs that differ in every factor the plotter groups by, for tests.
-    return [Run("fixed", dict(BASE, tfr_sde=0, tfr_d_step=0.5), ("kl", "tf", "prior")),
+    return [Run("fixed", dict(BASE, tfr=0.5, tfr_sde=1, tfr_d_step=0.5), ("kl", "tf", "prior")),
             Run("learned", {**BASE, "kl_anneal_type": "Full_KL", "tfr": 0.0, "prior": "learned"},
                 ("kl", "tf", "prior"))]
 

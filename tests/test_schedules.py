@@ -26,16 +26,20 @@ def test_monotonic_and_constants():
         assert kl_beta(e, "None", 20) == 0.0
 
 
-def test_teacher_forcing_decay():
+@pytest.mark.parametrize("sde", [0, 1, 2, 10])
+def test_teacher_forcing_decay(sde):
     # The lab: after finished epoch n (from 1) with n >= tfr_sde, tfr -= tfr_d_step, floored at 0.
+    # So the first epoch always runs at tfr (tfr_sde 0 decayed before it), and 0 acts as 1.
     tfr, expected = 1.0, []
     for n in range(1, 30):
         expected.append(tfr)
-        if n >= 10:
+        if n >= sde:
             tfr = max(tfr - 0.1, 0.0)
-    got = [teacher_forcing_ratio(e, 1.0, 10, 0.1) for e in range(29)]
+    got = [teacher_forcing_ratio(e, 1.0, sde, 0.1) for e in range(29)]
     assert got == pytest.approx(expected)
-    assert got[9] == 1.0 and got[10] == pytest.approx(0.9) and got[-1] == 0.0
+    assert got[0] == 1.0 and got[-1] == 0.0
+    first_lower = max(sde, 1)  # 0-based index of the first epoch after the first decay
+    assert got[first_lower - 1] == 1.0 and got[first_lower] == pytest.approx(0.9)
 
 
 def test_coins_are_reproducible_and_follow_the_ratio():
