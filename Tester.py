@@ -33,6 +33,10 @@ from modules.runtime import prepare_model, resolve_speed, rollout, to_float  # n
 from modules.visualize import save_gif, save_psnr_plot, save_strip  # noqa: E402
 
 
+# What a test writes per sequence or once (besides submission.csv and results.json, always rewritten).
+STALE = re.compile(r"(pred|pose)_seq.+\.gif|strip_seq.+\.png|psnr_per_frame\.png")
+
+
 def write_output(path, write, written):
     """write(tmp), then rename to `path` (modules/files.py: Ctrl-C or a full disk leaves the previous
     file whole and no temporary one); `written` collects the paths written, for the line an
@@ -95,11 +99,6 @@ def run(args, written=None, given=()):
     prepare_model(model, speed)
     save_root = output_folder(args)
     writable_folder(save_root)
-    if args.no_gif:
-        stale = sorted(n for n in os.listdir(save_root) if re.fullmatch(r"(pred|pose)_seq.+\.gif|strip_seq.+\.png", n))
-        if stale:
-            print(f"note: {save_root} holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} from an earlier "
-                  "test; --no_gif writes none, so they are not this run's", flush=True)
     seqs = TestSequences(args.DR, args.frame_H, args.frame_W, test_len=args.test_len, cache=not args.no_cache,
                          split=args.split, workers=args.num_workers)
     H, W, L, K = args.frame_H, args.frame_W, args.test_len, args.num_samples
@@ -163,11 +162,17 @@ def run(args, written=None, given=()):
                "args": {k: v for k, v in vars(args).items()
                         if isinstance(v, (int, float, str, bool, type(None))) and k not in TESTER_IGNORED},
                "model": {k: v for k, v in margs.items() if isinstance(v, (int, float, str, bool, type(None)))}}
-    if all(seq["gt"] is not None for seq in seqs):
+    scored = [k for k, seq in enumerate(seqs) if seq["gt"] is not None]
+    if scored and len(scored) < len(seqs):
+        print(f"note: no ground truth (test_gt/) for sequence(s) "
+              f"{', '.join(seq['name'] for seq in seqs if seq['gt'] is None)}: the scores are of the other "
+              f"{len(scored)} of {len(seqs)}", flush=True)
+    if scored:
         print(f"\n{'seq':>6} | {'PSNR':>7} | {'best-of-%d' % K if K > 1 else '':>9} | {'SSIM':>6} | copy-first")
         curves = {}
         with_ssim = min(H, W) >= SSIM_WINDOW  # its 11 x 11 window must fit in the frame
-        for k, seq in enumerate(seqs):
+        for k in scored:
+            seq = seqs[k]
             gt = seq["gt"].float() / 255
             per_sample = torch.stack([psnr(preds[(k, s)][1:], gt[1:]) for s in range(K)])  # (K, L-1)
             ssims = (torch.stack([ssim(preds[(k, s)][1:], gt[1:]) for s in range(K)])  # (K, L-1)
@@ -201,6 +206,12 @@ def run(args, written=None, given=()):
         write_output(os.path.join(save_root, "psnr_per_frame.png"),
                      lambda p: save_psnr_plot(curves, p, "Test PSNR per frame"), written)
     write_output(os.path.join(save_root, "results.json"), lambda p: dump_json(p, results), written)
+    # Outputs of an earlier test in the same folder (other sequences, GIFs under --no_gif, a plot
+    # when this run has no ground truth) would pass for this run's: say so, delete nothing.
+    stale = sorted(n for n in os.listdir(save_root) if STALE.fullmatch(n) and os.path.join(save_root, n) not in written)
+    if stale:
+        print(f"note: {save_root} also holds {', '.join(stale[:3])}{' ...' if len(stale) > 3 else ''} from an "
+              "earlier test, not written by this one", flush=True)
     print(f"\nWrote {save_root}/submission.csv ({shape[0]} rows x {shape[1]} columns)"
           + ("" if args.no_gif else ", pred_seq*.gif and strip_seq*.png"), flush=True)
     return 0

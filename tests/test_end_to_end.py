@@ -113,7 +113,31 @@ def test_tester_no_gif_notes_the_gifs_of_an_earlier_test(run, tmp_path, capsys):
     assert "from an earlier test" not in capsys.readouterr().out
     assert Tester.main(argv + ["--no_gif"]) == 0
     out = capsys.readouterr().out
-    assert f"note: {tmp_path / 'o'} holds pose_seq0.gif, pose_seq1.gif, pred_seq0.gif ... from an earlier test" in out
+    assert (f"note: {tmp_path / 'o'} also holds pose_seq0.gif, pose_seq1.gif, pred_seq0.gif ... from an earlier "
+            "test, not written by this one") in out
+
+
+def test_tester_scores_the_sequences_that_have_ground_truth(run, tmp_path, capsys):
+    """One sequence without test_gt/ silently dropped every score, and a later test without ground
+    truth left the earlier psnr_per_frame.png beside its outputs without a word."""
+    dr, save = run
+    part = tmp_path / "dr"
+    shutil.copytree(dr / "test", part / "test")
+    shutil.rmtree(part / "test" / "test_gt" / "1")
+    argv = ["--ckpt_path", str(save / "best.ckpt"), "--DR", str(part), "--save_root", str(tmp_path / "o"),
+            "--test_len", "20", "--device", "cpu", "--no_gif"]
+    assert Tester.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "note: no ground truth (test_gt/) for sequence(s) 1: the scores are of the other 1 of 2" in out
+    res = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert [r["name"] for r in res["sequences"]] == ["0"] and res["psnr"] == res["sequences"][0]["psnr"]
+    assert "also holds" not in out
+    shutil.rmtree(part / "test" / "test_gt")
+    assert Tester.main(argv) == 0
+    out = capsys.readouterr().out
+    assert json.loads((tmp_path / "o" / "results.json").read_text())["sequences"] == []
+    assert "no ground truth" not in out
+    assert f"note: {tmp_path / 'o'} also holds psnr_per_frame.png from an earlier test" in out
 
 
 def test_tester_other_seed_changes_the_samples(run, tmp_path):
