@@ -131,6 +131,16 @@ def _to_rgb(im):
     return im if im.mode == "RGB" else im.convert("RGB")
 
 
+def _unreadable_advice(path):
+    """A training or validation pair can go; a test sequence needs every one of its frames."""
+    parts = os.path.normpath(path).split(os.sep)
+    if {"test_img", "test_label", "test_gt"} & set(parts):
+        return "re-export the image (a test sequence needs all of its frames)"
+    if parts[-2].endswith("_label"):
+        return "re-export the image, or remove it together with its frame"
+    return "re-export the image, or remove it together with its label"
+
+
 def read_image(path, frame_H, frame_W):
     """One image as uint8 (frame_H, frame_W, 3), converted and resized."""
     try:
@@ -139,8 +149,7 @@ def read_image(path, frame_H, frame_W):
             rgb = _to_rgb(im)
     except Exception as e:  # Pillow reports bad files with many exception types
         reason = str(e) or type(e).__name__
-        raise DataError(f"cannot read {path} ({reason}); re-export the image, or remove it "
-                        "together with its label") from e
+        raise DataError(f"cannot read {path} ({reason}); {_unreadable_advice(path)}") from e
     if rgb.size != (frame_W, frame_H):
         rgb = rgb.resize((frame_W, frame_H), RESAMPLE)
     return np.asarray(rgb)

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import shutil
 import signal
 
@@ -295,8 +296,22 @@ def test_unreadable_and_truncated_png(tmp_path):
     with pytest.raises(DataError, match=r"cannot read .*train_img/frame2.png"):
         TrainWindows(tmp_path, video_len=2, cache=False)
     (img / "frame2.png").write_bytes(b"this is not an image")
-    with pytest.raises(DataError, match=r"cannot read .*train_img/frame2.png"):
+    with pytest.raises(DataError, match=r"cannot read .*train_img/frame2.png .*remove it together with its label$"):
         TrainWindows(tmp_path, video_len=2, cache=False)
+
+
+def test_unreadable_image_advice_fits_what_the_image_is(tmp_path):
+    """A broken label was told to be removed 'together with its label', and a broken test frame to
+    be removed, which breaks its sequence."""
+    from dataloader import read_image
+    for path, advice in ((tmp_path / "train" / "train_label" / "frame2.png", "together with its frame"),
+                         (tmp_path / "val" / "val_img" / "frame2.png", "together with its label"),
+                         (tmp_path / "test" / "test_label" / "3" / "frame2.png", "needs all of its frames"),
+                         (tmp_path / "test" / "test_img" / "3" / "frame0.png", "needs all of its frames")):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"this is not an image")
+        with pytest.raises(DataError, match=f"cannot read {re.escape(str(path))} .*; re-export the image.*{advice}"):
+            read_image(str(path), 32, 64)
 
 
 def test_truncated_png_in_worker_processes(tmp_path):
