@@ -266,8 +266,8 @@ def check_common(args):
     _positive(args, MODEL_DIMS + ("frame_H", "frame_W"))
     if args.num_workers is not None and args.num_workers < 0:
         raise ConfigError(f"--num_workers must be >= 0 (0: decode in this process), got {args.num_workers}")
-    if args.seed < 0:
-        raise ConfigError(f"--seed must be >= 0, got {args.seed}")
+    if not 0 <= args.seed < 2 ** 63:  # torch.Generator takes < 2**64; seeds derived from it add a little
+        raise ConfigError(f"--seed must be in 0 .. 2**63 - 1, got {args.seed}")
     for n in ("frame_H", "frame_W"):
         if getattr(args, n) < 4:  # the label encoder pads by 3 pixels (reflection) on each side
             raise ConfigError(f"--{n} must be at least 4 (the label encoder's 7x7 reflection padding), "

@@ -598,12 +598,12 @@ def _prepare_out(out, overwrite):
     ours = os.path.exists(os.path.join(out, MARKER)) or os.path.exists(os.path.join(out, PARTIAL))
     present = [s for s in SPLIT_DIRS if os.path.isdir(os.path.join(out, s))]
     if present:
+        if not ours:  # first: --overwrite would not help
+            _fail(f"{out} holds data this generator did not write "
+                  f"({', '.join(present)}); choose another --out")
         if not overwrite:
             _fail(f"{out} already holds a dataset ({', '.join(present)}); "
                   "pass --overwrite to replace it, or choose another --out")
-        if not ours:
-            _fail(f"{out} holds data this generator did not write "
-                  f"({', '.join(present)}); choose another --out")
     # Marked incomplete before anything is deleted: an interruption from here on leaves a folder
     # that every reader refuses and that --overwrite replaces.
     os.makedirs(out, exist_ok=True)

@@ -127,6 +127,8 @@ def test_trainer_error_line_is_one_write(trained, tmp_path, monkeypatch):
     (["--num_samples", "0"], "--num_samples must be positive, got 0"),
     (["--batch_size", "0"], "--batch_size must be positive, got 0"),
     (["--frame_W", "3"], "--frame_W must be at least 4"),
+    (["--seed", "-1"], "--seed must be in 0 .. 2**63 - 1, got -1"),
+    (["--seed", str(2 ** 64)], f"--seed must be in 0 .. 2**63 - 1, got {2 ** 64}"),  # was a traceback
 ])
 def test_tester_flag_out_of_range(trained, capsys, flags, message):
     assert message in error_of(Tester.main, args_for_tester(*trained, *flags), capsys)

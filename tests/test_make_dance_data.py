@@ -160,6 +160,9 @@ def test_main_refuses_to_overwrite(tmp_path, capsys):
     (foreign / "train" / "train_img").mkdir(parents=True)
     (foreign / "train" / "train_img" / "frame0.png").write_bytes(b"x")
     args[1] = str(foreign)
+    assert mdd.main(args) == 2
+    err = capsys.readouterr().err  # --overwrite would not help, so it is not suggested
+    assert "did not write" in err and "--overwrite" not in err
     assert mdd.main(args + ["--overwrite"]) == 2
     assert "did not write" in capsys.readouterr().err
     assert (foreign / "train" / "train_img" / "frame0.png").exists()
