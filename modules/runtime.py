@@ -112,9 +112,10 @@ def prepare_model(model, speed):
     if speed.channels_last:
         model.to(memory_format=torch.channels_last)
     if speed.device.type == "cuda":
-        # TF32 for any float32 matmul/conv left outside autocast.
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        # TF32 for any float32 matmul/conv left outside autocast; the reference path (--plain) is
+        # float32 throughout (cuDNN's convolutions would run in TF32 by PyTorch's default).
+        torch.backends.cuda.matmul.allow_tf32 = speed.fast
+        torch.backends.cudnn.allow_tf32 = speed.fast
         torch.backends.cudnn.benchmark = True
     return model
 

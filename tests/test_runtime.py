@@ -49,3 +49,24 @@ def test_keep_freed_memory_reuses_large_blocks_instead_of_faulting_in_new_pages(
         return int(out.stdout.split()[-1])
     assert faults("default") > 10 * 16384 * 0.9
     assert faults("keep") < 1000
+
+
+def test_the_plain_path_on_a_gpu_keeps_float32_matmuls_and_convolutions():
+    """prepare_model turned TF32 on for every CUDA run, --plain (the float32 reference) included.
+    Checked without a GPU: a module whose .to() stays on the CPU, and the backends' flags."""
+    import torch
+    from modules.runtime import Speed, prepare_model
+
+    class Stays(torch.nn.Module):
+        def to(self, *a, **kw):
+            return self
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark)
+    try:
+        for fast in (False, True, False):
+            speed = Speed(device=torch.device("cuda"), amp=fast, channels_last=False, compile=False,
+                          cuda_graphs=False, fast=fast)
+            prepare_model(Stays(), speed)
+            assert torch.backends.cuda.matmul.allow_tf32 is fast and torch.backends.cudnn.allow_tf32 is fast
+    finally:
+        (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+         torch.backends.cudnn.benchmark) = before
