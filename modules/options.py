@@ -95,8 +95,8 @@ def common_parser():
                    help="keep freed host memory for reuse instead of returning it to the system, so large "
                         "tensors do not cost fresh zeroed pages on every step (glibc; auto: on for CPU)")
     g.add_argument("--plain", action="store_true",
-                   help="the reference path: per-frame loop, float32 (no TF32 on a GPU), no compile, graphs, channels_last or "
-                        "malloc cache")
+                   help="the reference path: per-frame loop, float32 (no TF32 on a GPU), no compile, graphs, "
+                        "channels_last or malloc cache")
     return p
 
 
