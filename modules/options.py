@@ -179,8 +179,9 @@ def trainer_parser():
                         "it was trained as")
     g = p.add_argument_group("teacher forcing")
     g.add_argument("--tfr", type=float, default=1.0, help="teacher-forcing ratio at the start")
-    g.add_argument("--tfr_sde", type=int, default=10, help="the ratio drops by --tfr_d_step after each finished epoch from this one on (counted "
-                        "from 1: the first epoch always runs at --tfr)")
+    g.add_argument("--tfr_sde", type=int, default=10,
+                   help="the ratio drops by --tfr_d_step after each finished epoch from this one on "
+                        "(counted from 1: the first epoch always runs at --tfr)")
     g.add_argument("--tfr_d_step", type=float, default=0.1, help="decay per epoch (floor 0)")
     g.add_argument("--tf_mode", choices=TF_MODES, default="epoch",
                    help="one coin per epoch (the lab's), per step, or per frame (scheduled sampling)")
