@@ -267,6 +267,9 @@ def check_common(args):
     _positive(args, MODEL_DIMS + ("frame_H", "frame_W"))
     if args.num_workers is not None and args.num_workers < 0:
         raise ConfigError(f"--num_workers must be >= 0 (0: decode in this process), got {args.num_workers}")
+    for flag in ("ckpt_path", "resume", "save_root", "DR"):
+        if getattr(args, flag, None) == "":  # an unset shell variable; taken as no flag, a new run would start
+            raise ConfigError(f"--{flag} was given an empty path")
     if not 0 <= args.seed < 2 ** 63:  # torch.Generator takes < 2**64; seeds derived from it add a little
         raise ConfigError(f"--seed must be in 0 .. 2**63 - 1, got {args.seed}")
     for n in ("frame_H", "frame_W"):

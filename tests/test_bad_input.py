@@ -134,6 +134,17 @@ def test_tester_flag_out_of_range(trained, capsys, flags, message):
     assert message in error_of(Tester.main, args_for_tester(*trained, *flags), capsys)
 
 
+@pytest.mark.parametrize("main, flag", [(Trainer.main, f) for f in ("--resume", "--ckpt_path", "--save_root", "--DR")]
+                         + [(Tester.main, f) for f in ("--ckpt_path", "--save_root", "--DR")],
+                         ids=lambda x: x if isinstance(x, str) else x.__module__)
+def test_an_empty_path_is_refused(trained, tmp_path, monkeypatch, capsys, main, flag):
+    """`--resume "$RUN"` with RUN unset trained a new model in runs/<time> and exited 0."""
+    monkeypatch.chdir(tmp_path)
+    argv = args_for_trainer(trained[0]) if main is Trainer.main else args_for_tester(*trained)
+    assert error_of(main, [*argv, flag, ""], capsys) == f"error: {flag} was given an empty path"
+    assert os.listdir(tmp_path) == []
+
+
 @pytest.mark.parametrize("main", [Trainer.main, Tester.main], ids=["Trainer", "Tester"])
 def test_cuda_asked_for_without_a_gpu(trained, tmp_path, monkeypatch, capsys, main):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
