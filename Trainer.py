@@ -430,9 +430,11 @@ def _train(args, d, stop, claimed):
     prepare_model(model, speed)
 
     if args.test:
-        val = validate(model, val_set, args, speed)
-        print(f"val PSNR {val['psnr']:.3f} dB over {len(val_set)} sequence(s) of {args.val_vi_len} frames "
-              f"(frames 1..{args.val_vi_len - 1}, z from the prior)")
+        if d.is_main:  # under torchrun, one validation, not one per rank
+            val = validate(model, val_set, args, speed)
+            print(f"val PSNR {val['psnr']:.3f} dB over {len(val_set)} sequence(s) of {args.val_vi_len} frames "
+                  f"(frames 1..{args.val_vi_len - 1}, z from the prior)", flush=True)
+        d.barrier()
         return 0
 
     if ckpt is not None and "optimizer" in ckpt and ckpt.get("format") == FORMAT and ckpt["epoch"] >= args.num_epoch:

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from .options import ConfigError
+
 
 @dataclass
 class Dist:
@@ -60,6 +62,10 @@ def setup(args):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
+    missing = [k for k in ("RANK", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:  # WORLD_SIZE left over from a job script or another launcher
+        raise ConfigError(f"WORLD_SIZE={world} is set but {', '.join(missing)} not: this process was not started "
+                          "by torchrun; launch it with torchrun, or unset WORLD_SIZE")
     stop_with_launcher()
     rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     if args.device.startswith("cuda"):

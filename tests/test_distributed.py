@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import Tester
+import Trainer
 from modules.engine import WindowBatches, posterior_noise, train_one_epoch
 from modules.options import trainer_parser
 from modules.runtime import Speed
@@ -113,6 +114,9 @@ def test_torchrun_two_processes_match_one_with_doubled_batch(tiny_dance, tmp_pat
                         "--device", "cpu", "--plain", "--no_cache", "--no_gif",
                         "--save_root", str(tmp_path / "test")]) == 0
     assert (tmp_path / "test" / "submission.csv").is_file()
+    # --test under torchrun validates once (rank 0), not once per process.
+    out = _run(_torchrun("--DR", str(tiny_dance), "--device", "cpu", "--test", "--ckpt_path", str(ddp / "last.ckpt")))
+    assert out.count("val PSNR") == 1, out
     # ... and resumes in a single process, continuing the run folder at epoch 2.
     out = _run(_trainer(*data, "--kl_anneal_type", "Full_KL", "--num_epoch", "2", "--batch_size", "2",
                         "--ckpt_path", str(ddp / "last.ckpt")))
@@ -332,3 +336,16 @@ def test_interrupted_epoch_resumes_with_another_global_batch():
                                            speed, list(model.named_parameters()), resume=progress)
     assert finished and model.seen == order[2:]
     assert metrics["steps"] == 3  # 6 windows in steps of 2
+
+
+def test_a_stray_world_size_is_one_line_not_a_traceback(tiny_dance, tmp_path, monkeypatch, capsys):
+    """WORLD_SIZE left in the environment (a job script, another launcher) made a plain
+    `python Trainer.py` read RANK and fail with a KeyError traceback."""
+    for k in ("RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert Trainer.main(["--DR", str(tiny_dance), *TINY, "--save_root", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ("error: WORLD_SIZE=2 is set but RANK, MASTER_ADDR, MASTER_PORT not: this "
+                                       "process was not started by torchrun; launch it with torchrun, or unset "
+                                       "WORLD_SIZE\n")
+    assert not (tmp_path / "run").exists()
