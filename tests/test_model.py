@@ -125,7 +125,8 @@ def _loss_and_grads(model, img, lab, tf, eps, fast, grad_ckpt=False, warp_loss=0
 @pytest.mark.parametrize("prior,residual,condition,dtype,rtol", [
     ("fixed", False, "previous", torch.float32, 1e-5), ("learned", False, "previous", torch.float32, 1e-5),
     ("fixed", True, "previous", torch.float32, 1e-5), ("fixed", True, "first", torch.float32, 1e-5),
-    ("learned", True, "first", torch.float64, 1e-10), ("learned", True, "first", torch.float32, 1e-4)])
+    ("learned", True, "first", torch.float64, 1e-10), ("learned", True, "first", torch.float32, 1e-4),
+    ("learned", True, "previous", torch.float32, 1e-5), ("fixed", False, "first", torch.float32, 1e-5)])
 @pytest.mark.parametrize("tf", [True, False, "mixed"])
 def test_fast_path_matches_plain(tf, prior, residual, condition, dtype, rtol):
     """The batched teacher-forced frames (fast) against the per-frame loop (plain): same loss,
@@ -160,12 +161,17 @@ def _assert_grads_close(ga, gb, rtol, model):
             assert _rel_err(ga[k], gb[k]) < rtol, k
 
 
-@pytest.mark.parametrize("prior,condition,tf", [("fixed", "previous", True), ("learned", "first", True),
-                                                ("learned", "previous", [True, False, False, True, True, False, True])])
-def test_activation_checkpointing_same_function(prior, condition, tf):
+MIXED7 = [True, False, False, True, True, False, True]
+
+
+@pytest.mark.parametrize("prior,condition,tf,fast", [("fixed", "previous", True, True), ("learned", "first", True, True),
+                                                     ("learned", "previous", MIXED7, True),
+                                                     ("fixed", "previous", MIXED7, False)])
+def test_activation_checkpointing_same_function(prior, condition, tf, fast):
     """grad_ckpt recomputes one time step at a time (in the batched pass and in the per-frame loop
     of scheduled sampling): same loss and gradients, and the peak memory of a training pass falls
-    with the number of time steps (7 here; measured ratio 0.18 with teacher forcing).
+    with the number of time steps (7 here; measured ratio 0.18 with teacher forcing, 0.36 for the
+    per-frame loop of the plain path with a coin per frame).
     float64: the gradients are summed per time step instead of over all frames at once, which in
     float32 alone moves some of them by up to 2e-5 relative (measured)."""
     dtype = torch.float64
@@ -173,19 +179,20 @@ def test_activation_checkpointing_same_function(prior, condition, tf):
     model = jitter(VAE_Model(*TINY, prior=prior, condition=condition)).to(dtype)
     img, lab = torch.rand(2, 8, 3, 32, 64, dtype=dtype), torch.rand(2, 8, 3, 32, 64, dtype=dtype)
     eps = torch.randn(2, 7, TINY[2], 32, 64, dtype=dtype)
-    a, ga = _loss_and_grads(model, img, lab, tf, eps, fast=True, grad_ckpt=True)
-    b, gb = _loss_and_grads(model, img, lab, tf, eps, fast=True)
+    a, ga = _loss_and_grads(model, img, lab, tf, eps, fast=fast, grad_ckpt=True)
+    b, gb = _loss_and_grads(model, img, lab, tf, eps, fast=fast)
     rtol = 1e-10
     torch.testing.assert_close(a["loss"], b["loss"], rtol=rtol, atol=0)
     torch.testing.assert_close(a["pred"], b["pred"], rtol=rtol, atol=rtol / 10)
     _assert_grads_close(ga, gb, rtol, model)
-    peak = [peak_memory_growth(lambda: _loss_and_grads(model, img, lab, tf, eps, fast=True, grad_ckpt=c),
+    peak = [peak_memory_growth(lambda: _loss_and_grads(model, img, lab, tf, eps, fast=fast, grad_ckpt=c),
                                torch.device("cpu")) for c in (False, True)]
-    assert peak[1] < 0.3 * peak[0], peak
+    assert peak[1] < (0.3 if fast else 0.45) * peak[0], peak  # the per-frame loop: 0.36 measured
 
 
 @pytest.mark.parametrize("z_mode,condition", [("sample", "previous"), ("zero", "previous"),
-                                              ("prior_mean", "previous"), ("sample", "first")])
+                                              ("prior_mean", "previous"), ("sample", "first"), ("zero", "first"),
+                                              ("prior_mean", "first")])
 def test_fast_rollout_matches_plain(z_mode, condition):
     """Sequences batched, pose features computed once, channels_last: same frames as the plain
     one-sequence-at-a-time loop for the same noise (float32, CPU)."""
