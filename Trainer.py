@@ -179,10 +179,10 @@ def remove_previous_run(args):
         print(f"--overwrite: removed the previous run's {', '.join(gone)} from {args.save_root}", flush=True)
 
 
-SPIKE = 100.0  # an epoch's training error this many times the lowest so far: diverged
+SPIKE = 100.0  # a log window's training error this many times the lowest so far: diverged
 
 
-def spike_note(recon_name, recon, lowest, best_psnr, best_path, over="the epoch's"):
+def spike_note(recon_name, recon, lowest, best_psnr, best_path, over):
     """A line telling that training diverged (a run at learning rate 1e-3, batch 64, went from an
     MSE of 7e-4 to 2e5 in one epoch and never came back), or None. Finite losses are not skipped
     like NaN ones, so without it the only sign is the number. `over` names what recon averages."""
@@ -523,19 +523,19 @@ def _train(args, d, stop, claimed):
     # Where a failure before this run's first checkpoint leaves the user: at the checkpoint it started from.
     started_from = None if args.resume or not args.ckpt_path else args.ckpt_path
     guard = SpikeGuard(args.skip_spikes, guard_state)  # its reference carries across epochs
-    # The lowest training error of this process, per epoch and per log window (--log_every
-    # steps): a window 100x its lowest tells of a divergence within the epoch, the first included.
-    lowest, lowest_window, spike_noted = None, None, False
+    # The lowest training error of this process per log window (every --log_every steps, and the
+    # rest of an epoch): a window 100x it tells of a divergence within the epoch, the first included.
+    lowest, spike_noted = None, False
 
-    def watch(recon):
-        nonlocal lowest_window, spike_noted
-        note = spike_note(args.recon, recon, lowest_window, best_psnr, os.path.join(args.save_root, "best.ckpt"),
-                          over=f"the last {args.log_every} steps'" if args.log_every > 1 else "the last step's")
-        if note and not spike_noted:  # once a run, as the epoch's note
+    def watch(recon, steps):
+        nonlocal lowest, spike_noted
+        note = spike_note(args.recon, recon, lowest, best_psnr, os.path.join(args.save_root, "best.ckpt"),
+                          over=f"the last {steps} steps'" if steps > 1 else "the last step's")
+        if note and not spike_noted:  # once a run: the steps after a spike stay high
             tqdm.write(note)
             spike_noted = True
         if math.isfinite(recon):
-            lowest_window = recon if lowest_window is None else min(lowest_window, recon)
+            lowest = recon if lowest is None else min(lowest, recon)
 
     for epoch in range(start_epoch, args.num_epoch):
         t0 = time.time()
@@ -616,13 +616,6 @@ def _train(args, d, stop, claimed):
             print(f"epoch {epoch + 1}/{args.num_epoch} | loss {row['loss']:.4g} | {args.recon} "
                   f"{row.get('mse', row.get('l1')):.4g} | kl {row['kl']:.4g} | beta {row['beta']:.3g} | "
                   f"{tftxt}lr {row['lr']:.2e} | {row['time_s']:.1f}s{vtxt}", flush=True)
-            recon = row.get("mse", row.get("l1"))
-            note = spike_note(args.recon, recon, lowest, best_psnr, os.path.join(args.save_root, "best.ckpt"))
-            if note and not spike_noted:  # once a run: the epochs after a spike stay high
-                print(note, flush=True)
-                spike_noted = True
-            if math.isfinite(recon):
-                lowest = recon if lowest is None else min(lowest, recon)
             if val_oom is not None:
                 raise OutOfMemory(
                     f"out of memory validating after epoch {epoch + 1} ({len(val_set)} sequence(s) of "

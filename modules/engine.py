@@ -236,8 +236,9 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
     params: the model's named parameters, [(name, tensor)], whose gradient is clipped (the names
     are for the note on a skipped update).
 
-    watch: called on the main process at every log point (--log_every steps) with the mean
-    training reconstruction error of the steps since the previous one (the Trainer's divergence
+    watch: called on the main process at every log point (every --log_every steps, skipped ones
+    included) and after the epoch's last step, with the mean training reconstruction error of the
+    updates since the previous call and the number of steps they span (the Trainer's divergence
     note reads it there, so it needs no epoch to end).
 
     nan_run: non-finite steps in a row at the end of the previous epoch (progress["nan_run"]), so
@@ -281,6 +282,18 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
     # The same sums since the last log point, kept apart: differences of the running sums lose
     # the small errors that follow a spike (float32; a window of 0 was then the lowest).
     window = torch.zeros_like(sums)
+
+    last_watched = [start]  # the step after the previous call
+
+    def watch_window(upto):
+        """Hand `watch` the mean training error of the steps since its previous call up to step
+        `upto` (exclusive), and their number, unless every one of them was skipped."""
+        since = window.tolist()
+        window.zero_()
+        n, last_watched[0] = upto - last_watched[0], upto
+        if watch is not None and since[3] > 0:
+            watch(since[1] / since[3], n)
+
     for step in range(steps_per_epoch):
         tf = coins.draw(T - 1)  # drawn for skipped steps too, so the stream stays aligned
         if step < start:
@@ -334,9 +347,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
                 tqdm.write(f"note: epoch {epoch + 1} step {step}: gradient norm {n:.3g}, {n / ref:.0f}x the "
                            f"recent average{of} ({ref:.3g}); update skipped (--skip_spikes {args.skip_spikes:g}); "
                            f"{share:.0%} of its square in {name}")
-            bar.update(1)
-            continue
-        if bad:
+        elif bad:
             nan_total += 1
             nan_run += 1
             if is_main:
@@ -346,30 +357,27 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
                 bar.close()  # clears the bar, so the error message starts its own line
                 raise TrainingDiverged(f"{nan_run} consecutive non-finite losses at epoch {epoch + 1}; "
                                        "try a lower --lr or --grad_clip")
-            bar.update(1)
-            continue
-        nan_run = 0
-        guard.took(norm, kind)
-        optimizer.step()
-        b = float(img.shape[0])  # loss, recon and kl are means over the step's windows
-        contrib = torch.stack([loss.detach().float() * b, out["recon"].detach().float() * b,
-                               out["kl"].detach().float() * b, torch.full((), b, device=speed.device)])
-        sums += contrib
-        window += contrib
+        else:
+            nan_run = 0
+            guard.took(norm, kind)
+            optimizer.step()
+            b = float(img.shape[0])  # loss, recon and kl are means over the step's windows
+            contrib = torch.stack([loss.detach().float() * b, out["recon"].detach().float() * b,
+                                   out["kl"].detach().float() * b, torch.full((), b, device=speed.device)])
+            sums += contrib
+            window += contrib
         bar.update(1)
-        if is_main and (step + 1) % args.log_every == 0:
+        if is_main and (step + 1) % args.log_every == 0:  # skipped steps count: the points stay regular
+            watch_window(step + 1)
             s = (sums[:3] / sums[3].clamp_min(1)).tolist()
-            if watch is not None:
-                since = window.tolist()
-                window.zero_()
-                if since[3] > 0:  # not every step since was skipped
-                    watch(since[1] / since[3])
             tf_shown = {"tfr": f"{tfr:.2f}"} if getattr(args, "condition", "previous") == "previous" else {}
             recon = {args.recon: f"{s[1]:.4g}"}  # mse or l1, whichever the loss uses
             bar.set_postfix(loss=f"{s[0]:.4g}", **recon, kl=f"{s[2]:.4g}", beta=f"{beta:.3g}",
                             **tf_shown, lr=f"{lr:.2e}")
     else:
         step = steps_per_epoch
+    if is_main and step > last_watched[0]:
+        watch_window(step)  # the steps after the last log point (all of them in an epoch shorter than --log_every)
     bar.close()
     finished = step >= steps_per_epoch
     total = sums.clone()

@@ -335,12 +335,14 @@ def test_a_finite_loss_spike_is_told_once(dr, tmp_path, monkeypatch, capsys):
     run = str(tmp_path / "run")
     assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "3", "--save_root", run]) == 0
     out = capsys.readouterr().out
-    notes = [l for l in out.splitlines() if l.startswith("note: the epoch's training mse")]
+    # Told once, at the end of epoch 2's steps (its 3 steps are fewer than --log_every: one window).
+    notes = [l for l in out.splitlines() if l.startswith("note: the ")]
+    assert len(notes) == 1 and notes[0].startswith("note: the last 3 steps' training mse"), out
     first, second, third = rows(run)
     assert second["mse"] > 1e5 * first["mse"] and len(notes) == 1
     assert "training diverged" in notes[0] and os.path.join(run, "best.ckpt") in notes[0] and "--lr" in notes[0]
-    assert Trainer.spike_note("mse", 0.5, 0.01, 30.0, run) is None  # 50x: a rough epoch, not a divergence
-    assert Trainer.spike_note("mse", float("nan"), 0.01, 30.0, run) is None
+    assert Trainer.spike_note("mse", 0.5, 0.01, 30.0, run, "x") is None  # 50x: rough, not a divergence
+    assert Trainer.spike_note("mse", float("nan"), 0.01, 30.0, run, "x") is None
 
 
 def test_a_loss_spike_in_the_first_epoch_is_told_at_the_next_log_point(dr, tmp_path, monkeypatch, capsys):
@@ -355,6 +357,19 @@ def test_a_loss_spike_in_the_first_epoch_is_told_at_the_next_log_point(dr, tmp_p
     assert len(notes) == 1 and notes[0].startswith("note: the last 2 steps' training mse is")
     assert "training diverged" in notes[0] and "no model has been validated yet" in notes[0]
     assert out.index(notes[0]) < out.index("epoch 1/1 |")  # told before the epoch ended
+
+
+def test_a_loss_spike_after_the_last_log_point_of_an_epoch_is_told(dr, tmp_path, monkeypatch, capsys):
+    """The steps after an epoch's last multiple of --log_every were never watched: 6 steps with
+    --log_every 4 and a spike from step 5 ended without a note."""
+    spike_after(monkeypatch, 4)
+    run = str(tmp_path / "run")
+    assert Trainer.main(["--DR", dr, *SHORT, "--partial", "0.5", "--num_epoch", "1", "--log_every", "4",
+                         "--save_root", run]) == 0  # 6 steps; steps 5 and 6 spike
+    out = capsys.readouterr().out
+    notes = [l for l in out.splitlines() if l.startswith("note: the ")]
+    assert len(notes) == 1 and notes[0].startswith("note: the last 2 steps' training mse is"), out
+    assert out.index(notes[0]) < out.index("epoch 1/1 |")
 
 
 def test_small_errors_after_a_spike_are_measured_exactly(dr, tmp_path, monkeypatch, capsys):
@@ -377,10 +392,10 @@ def test_small_errors_after_a_spike_are_measured_exactly(dr, tmp_path, monkeypat
     run = str(tmp_path / "run")
     assert Trainer.main(["--DR", dr, *SHORT, "--partial", "1", "--num_epoch", "1", "--log_every", "1",
                          "--save_root", run]) == 0
-    windows = [recon for recon, _ in seen][:12]  # one per step, then the epoch's
-    assert len(seen) == 13 and windows[2] > 1e9 and windows[4] > 1e9
+    windows = [recon for recon, _ in seen]  # one per step
+    assert len(seen) == 12 and windows[2] > 1e9 and windows[4] > 1e9
     assert all(0 < w < 1 for i, w in enumerate(windows) if i not in (2, 4))  # none lost to rounding
-    assert Trainer.spike_note("mse", 1.0, 0.0, 30.0, run) is None  # no scale to compare with
+    assert Trainer.spike_note("mse", 1.0, 0.0, 30.0, run, "x") is None  # no scale to compare with
     assert sum(l.startswith("note: the last step's training mse") for l in capsys.readouterr().out.splitlines()) == 1
 
 
