@@ -72,7 +72,7 @@ def load_model(path, args, given=()):
     is noted (it takes no effect)."""
     ckpt = load_checkpoint(path)
     margs = model_args(ckpt, path)
-    if ckpt.get("lab_format"):
+    if margs["lab_activation"] and ckpt.get("lab_format"):
         # The weights alone cannot tell the lab's model from this project's (the same parameters).
         print(f"note: {path} holds weights only, as the lab's code writes them: rebuilt as the lab's model, whose "
               "Label_Encoder and Gaussian_Predictor have LeakyReLU(True) (a slope of 1). A checkpoint of this "

@@ -29,7 +29,7 @@ from dataloader import GENERATOR_MARKER, DataError, TrainWindows  # noqa: E402
 from modules.model import build_model  # noqa: E402
 from modules import distributed  # noqa: E402
 from modules.checkpoint import (FORMAT, VERSION, CheckpointError, check_dims, load_checkpoint,  # noqa: E402
-                                load_model_weights, rng_state, save_checkpoint, set_rng_state)
+                                load_model_weights, model_args, rng_state, save_checkpoint, set_rng_state)
 from modules.engine import (OutOfMemory, SpikeGuard, TrainingDiverged, WindowBatches, epoch_settings,  # noqa: E402
                             first_line, is_out_of_memory, train_one_epoch, validate)
 from modules.files import atomic_write, outermost_missing, remove_empty_folders, write_json  # noqa: E402
@@ -145,8 +145,12 @@ def plan_save_root(args):
         args.save_root = args.resume
         args.ckpt_path = find_resume_checkpoint(args.resume)
     elif args.ckpt_path and args.save_root is None:
-        # Resuming a checkpoint continues its run folder.
-        args.save_root = os.path.dirname(os.path.abspath(args.ckpt_path))
+        # A checkpoint of this project continues its run folder; weights only (lab code's) start a
+        # run folder of their own, so that the run's best.ckpt and last.ckpt cannot replace the file.
+        if load_checkpoint(args.ckpt_path).get("format") == FORMAT:
+            args.save_root = os.path.dirname(os.path.abspath(args.ckpt_path))
+        else:
+            args.save_root = new_run_folder()
     elif args.save_root is None:
         args.save_root = new_run_folder()
     elif (not args.test and not args.overwrite and glob.glob(os.path.join(args.save_root, "*.ckpt"))
@@ -258,7 +262,10 @@ def adopt_run_args(args, argv):
     ckpt = load_checkpoint(path)
     stored = ckpt.get("args") or {}
     if ckpt.get("lab_format"):
-        stored = {"lab_activation": True}  # lab code's model (VAE_Model); its other flags are this run's
+        # Weights only: lab code's model (VAE_Model), or this project's re-saved, whose flags without
+        # weights the weights imply as far as they can; its other flags are this run's.
+        margs = model_args(ckpt, path)
+        stored = {k: margs[k] for k in ("lab_activation", "condition", "residual")}
     given = given_flags(trainer_parser, argv)
     for k, v in stored.items():
         if hasattr(args, k) and k not in given and k not in NOT_ADOPTED:
@@ -382,7 +389,7 @@ def run(args):
         if args.save_root:
             top = outermost_missing(args.save_root)
             clean = top is not None
-        elif not args.ckpt_path:
+        else:  # runs/<timestamp>, or a checkpoint's folder, which holds it and so is never removed
             top, clean = outermost_missing("runs"), True
     claimed = []  # the run folder's lock (claim_run_folder), held until the run ends
     try:
@@ -471,7 +478,7 @@ def _train(args, d, stop, claimed):
             print(f"Resuming {args.ckpt_path} at {where}", flush=True)
     elif ckpt is not None and d.is_main:
         why = ("a checkpoint of the lab's code: its optimizer state and epoch are not continued"
-               if ckpt.get("lab_format") else "no optimizer state in it")
+               if args.lab_activation else "weights only: no optimizer state or epoch in it")
         print(f"Starting from the weights in {args.ckpt_path} ({why})", flush=True)
 
     train_model = model

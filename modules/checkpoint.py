@@ -9,6 +9,7 @@ import errno
 import os
 import pickle
 import shutil
+import warnings
 
 import torch
 
@@ -57,7 +58,9 @@ def load_checkpoint(path):
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist; check --ckpt_path")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's own notes (a TorchScript file, an old pickle) would
+            warnings.simplefilter("ignore")  # come before the one line that says what is wrong
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         # The safe unpickler names a refused class or function as "GLOBAL module.name"; any other
         # refusal is an opcode it does not know, i.e. a file that is not a torch.save checkpoint.
@@ -83,6 +86,10 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path} is not a checkpoint of this model (no 'model' or 'state_dict' entry)")
     if "model" not in ckpt:  # written by lab code
         ckpt = {"model": ckpt["state_dict"], "lab_format": True}
+    sd = ckpt["model"]
+    if not (isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values())):
+        raise CheckpointError(f"{path} is not a checkpoint of this model (its "
+                              f"'{'state_dict' if ckpt.get('lab_format') else 'model'}' entry is not a state_dict)")
     return ckpt
 
 
@@ -105,13 +112,22 @@ def dims_from_state_dict(sd, path="the checkpoint"):
 
 
 def model_args(ckpt, path="the checkpoint"):
-    """The arguments that rebuild the checkpoint's model: stored ones, else read off the weights."""
+    """The arguments that rebuild the checkpoint's model: stored ones, else read off the weights,
+    else the model's defaults."""
     stored = ckpt.get("args") or {}
     found = dims_from_state_dict(ckpt["model"], path)
     out = {k: stored.get(k, found.get(k)) for k in MODEL_ARGS}
     out.update({k: found[k] for k in found})  # the weights are the truth
     if ckpt.get("lab_format"):
-        out["lab_activation"] = True  # lab code's LeakyReLU(True) (VAE_Model)
+        if found["first_pose"] or found["warp"]:
+            # Weights of layers lab code has not: this project's model, saved as weights only. What
+            # those layers need is implied; the rest (--residual without --warp) cannot be told.
+            out.update(condition="first" if found["first_pose"] else out["condition"],
+                       residual=True if found["warp"] else out["residual"], lab_activation=False)
+        else:
+            out["lab_activation"] = True  # lab code's LeakyReLU(True) (VAE_Model)
+    out["residual"], out["lab_activation"] = bool(out["residual"]), bool(out["lab_activation"])
+    out["condition"] = out["condition"] or "previous"
     return out
 
 
@@ -122,7 +138,7 @@ def check_dims(ckpt, args, path):
             if getattr(args, k, found[k]) != found[k]]
     # Options without weights of their own, as the run that wrote the checkpoint had them.
     stored = ckpt.get("args") or {}
-    diff += [f"--{k} {getattr(args, k)} (checkpoint: {stored[k]})" for k in ("residual", "condition")
+    diff += [f"--{k} {getattr(args, k)} (checkpoint: {stored[k]})" for k in ("residual", "condition", "lab_activation")
              if k in stored and hasattr(args, k) and getattr(args, k) != stored[k]]
     if diff:
         raise CheckpointError(f"{path} was written for another model: " + ", ".join(diff)
@@ -147,7 +163,11 @@ def load_model_weights(model, ckpt, path):
         # pose_flow written before the Generator saw the frame it changes: a view of zeros.
         w = sd["flow.weight"]
         sd = {**sd, "base_view.weight": w.new_zeros(w.shape[1], 3, 1, 1), "base_view.bias": w.new_zeros(w.shape[1])}
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+    except RuntimeError as e:  # a parameter of another shape (modules widened by hand, another model)
+        shapes = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise CheckpointError(f"{path} does not match the model: {(shapes or str(e).splitlines())[0][:300]}") from None
     if missing or unexpected:
         raise CheckpointError(f"{path} does not match the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 

@@ -182,6 +182,58 @@ def test_lab_format_checkpoint_loads_in_tester(run, tmp_path, capsys):
     assert "the lab's model" not in capsys.readouterr().out
 
 
+def test_a_lab_checkpoint_is_named_with_its_models_values_and_never_written_over(run, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A lab file named best.ckpt, given as --ckpt_path, was replaced by the run's own best.ckpt
+    (its folder was taken as the run's); the Tester's notes named its flags as None."""
+    import hashlib
+    dr, _ = run
+    lab = tmp_path / "lab" / "best.ckpt"
+    lab.parent.mkdir()
+    torch.save({"state_dict": VAE_Model(16, 8, 4, 16).state_dict(), "optimizer": {}, "last_epoch": 3}, lab)
+    digest = hashlib.sha1(lab.read_bytes()).hexdigest()
+    monkeypatch.chdir(tmp_path)
+    assert Trainer.main(["--DR", str(dr), *TINY, "--ckpt_path", str(lab), "--num_epoch", "1", "--val_vi_len", "20",
+                         "--train_vi_len", "4", "--partial", "0.1"]) == 0
+    assert hashlib.sha1(lab.read_bytes()).hexdigest() == digest and os.listdir(lab.parent) == ["best.ckpt"]
+    (new,) = os.listdir(tmp_path / "runs")
+    assert (tmp_path / "runs" / new / "best.ckpt").is_file()
+    capsys.readouterr()
+    assert Tester.main(["--ckpt_path", str(lab), "--DR", str(dr), "--test_len", "20", "--no_gif", "--device", "cpu",
+                        "--save_root", str(tmp_path / "o"), "--residual", "--condition", "first"]) == 0
+    out = capsys.readouterr().out
+    assert "--residual True takes no effect: the model is rebuilt from the checkpoint (--residual False)" in out
+    assert "(--condition previous)" in out and "None" not in out
+
+
+def test_this_projects_weights_saved_alone_are_rebuilt_as_they_imply(run, tmp_path, capsys):
+    """A state_dict re-saved from a --first_pose --warp run (as the refusal of pickled files tells
+    users to do) crashed the Tester (ValueError: warp needs residual=True), and the Trainer took it
+    for lab code's model. Its first_pose and flow layers say it is this project's: condition first,
+    residual, this project's activations."""
+    from modules.checkpoint import save_checkpoint
+    dr, _ = run
+    model = jitter(VAE_Model(16, 8, 4, 16, residual=True, condition="first", first_pose=True, warp=True))
+    full, bare = tmp_path / "full.ckpt", tmp_path / "bare.pt"
+    save_checkpoint(full, {"model": model.state_dict(), "args": dict(F_dim=16, L_dim=8, N_dim=4, D_out_dim=16,
+                                                                     residual=True, condition="first")})
+    torch.save(model.state_dict(), bare)
+    common = ["--DR", str(dr), "--test_len", "20", "--no_gif", "--device", "cpu"]
+    for path in (full, bare):
+        assert Tester.main(["--ckpt_path", str(path), "--save_root", str(tmp_path / path.stem), *common]) == 0
+    assert "the lab's model" not in capsys.readouterr().out
+    assert (tmp_path / "bare" / "submission.csv").read_bytes() == (tmp_path / "full" / "submission.csv").read_bytes()
+    args = Trainer.trainer_parser().parse_args(["--ckpt_path", str(bare)])
+    Trainer.adopt_run_args(args, ["--ckpt_path", str(bare)])
+    assert (args.condition, args.residual, args.lab_activation) == ("first", True, False)
+
+
+def test_lab_activation_against_a_checkpoint_without_it_is_refused(run, tmp_path, capsys):
+    dr, save = run
+    assert Trainer.main(["--ckpt_path", str(save / "best.ckpt"), "--test", "--lab_activation"]) == 2
+    assert "--lab_activation True (checkpoint: False)" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("prior", ["fixed", "learned"])
 def test_lab_checkpoint_computes_the_lab_codes_function(tmp_path, prior):
     """Lab code writes nn.LeakyReLU(True) (a slope of 1: no activation) in Label_Encoder and
