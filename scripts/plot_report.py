@@ -71,7 +71,12 @@ def kl_label(args):
     return f"{kind} ({args.get('kl_anneal_cycle')} cycles)" if kind == "Cyclical" else kind
 
 
-LABELS = {"kl": kl_label, "tf": tf_label, "prior": lambda a: a.get("prior", "fixed")}
+def known(args, key, default):
+    """args[key]; the default for an args.json written before the flag existed; "?" without one."""
+    return args.get(key, default) if args else "?"
+
+
+LABELS = {"kl": kl_label, "tf": tf_label, "prior": lambda a: known(a, "prior", "fixed")}
 
 
 def group(runs, key):
@@ -121,7 +126,12 @@ def save(fig, path):
     from matplotlib.ticker import MaxNLocator
     for ax in fig.axes:
         if ax.get_xlabel() == "epoch":
-            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            epochs = sorted({x for line in ax.get_lines() for x in line.get_xdata()})
+            # MaxNLocator gives up on integers with fewer than two of them (a 1-epoch run: 0.95, 0.96, ...).
+            if len(epochs) < 2:
+                ax.set_xticks(epochs)
+            else:
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt_module().close(fig)
@@ -248,7 +258,7 @@ def results_table(runs):
     for run in runs:
         a, t, best, stale = run["args"], run["test"], best_row(run), stale_test(run)
         k = t.get("args", {}).get("num_samples", 1)
-        cells = [run["name"], LABELS["kl"](a), tf_label(a), LABELS["prior"](a), a.get("recon", "mse"),
+        cells = [run["name"], LABELS["kl"](a), tf_label(a), LABELS["prior"](a), known(a, "recon", "mse"),
                  str(run["rows"][-1]["epoch"]),
                  f"{fmt(best['val_psnr'])} ({best['epoch']})" if best else "-",
                  fmt(t.get("psnr")) + (f" (stale: epoch {stale[0]})" if stale else ""),

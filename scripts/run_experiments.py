@@ -150,8 +150,10 @@ def run_logged(cmd, log_path, limit_s=None, on_row=None, metrics_path=None):
                     proc.send_signal(signal.SIGTERM)
                     stopped = True
         except KeyboardInterrupt:
-            # The Trainer saves a checkpoint on SIGINT, and the next invocation resumes it.
-            proc.send_signal(signal.SIGINT)
+            # The Trainer saves a checkpoint on SIGINT, and the next invocation resumes it. After the
+            # budget's SIGTERM it is saving already: one more signal would make it abort unsaved.
+            if not stopped:
+                proc.send_signal(signal.SIGINT)
             proc.wait()
             raise
     return proc.returncode, time.time() - t0, stopped
@@ -279,7 +281,11 @@ def run_one(run, out, num_epoch, extra, test_extra, limit_s, index=0, epochs_giv
     # Training time already spent counts against the budget: a run stopped by it is not resumed
     # unless a larger --minutes is given.
     left = None if limit_s is None else limit_s - record.get("train_s", 0.0)
-    if record.get("status") != "trained" and done < num_epoch and (left is None or left > 1.0):
+    if record.get("status") != "trained" and done < num_epoch and left is not None and left <= 1.0:
+        # The budget ran out in an invocation that was then interrupted: stopped by it all the same
+        # (so a larger --minutes takes it on).
+        record["stopped_by_budget"] = True
+    elif record.get("status") != "trained" and done < num_epoch:
         record["status"] = "training"
         write_json(record_path, record)
         verb = f"resuming at epoch {done + 1}" if have_ckpt else "training"
@@ -381,6 +387,7 @@ def main(argv=None):
         parser.error(f"{', '.join('--' + k for k in clash)} after -- would override what the runs of grid "
                      f"{args.grid} set (see --list), and their names would no longer say what they ran: leave "
                      "it out")
+    index = {r.name: i for i, r in enumerate(grid)}  # the place in the whole grid, whatever --only picks
     if args.only:
         unknown = sorted(set(args.only) - {r.name for r in grid})
         if unknown:
@@ -405,8 +412,8 @@ def main(argv=None):
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         num_epoch = args.epochs or calibrate(grid, out, extra, args.minutes)
-        status = {r.name: run_one(r, out, num_epoch, extra, test_extra, limit_s, i, args.epochs is not None)
-                  for i, r in enumerate(grid)}
+        status = {r.name: run_one(r, out, num_epoch, extra, test_extra, limit_s, index[r.name], args.epochs is not None)
+                  for r in grid}
     except RuntimeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

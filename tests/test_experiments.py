@@ -149,6 +149,75 @@ def test_a_run_the_budget_stopped_goes_on_with_a_larger_budget(tmp_path, monkeyp
     assert (record["epochs_done"], record["minutes"], record["status"]) == (2, pytest.approx(100 / 60), "done")
 
 
+def test_a_run_interrupted_after_its_budget_ran_out_was_stopped_by_it(tmp_path, monkeypatch, capsys):
+    """Interrupted once its budget was spent, a run was later tested and marked done as if it had
+    finished: a larger --minutes was then refused as 'made with other settings'."""
+    calls = []
+
+    def trainer(cmd, log_path, limit_s=None, **kw):
+        calls.append((cmd, limit_s))
+        if "--ckpt_path" in cmd:  # the Tester
+            return 0, 1.0, False
+        save_root = cmd[cmd.index("--resume") + 1]
+        with open(os.path.join(save_root, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps({"epoch": 2, "val_psnr": 22.0}) + "\n")
+        return 143, limit_s, True
+    monkeypatch.setattr(run_experiments, "run_logged", trainer)
+    run = run_experiments.GRIDS["tiny"]()[0]
+    folder = tmp_path / run.name
+    folder.mkdir()
+    (folder / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "val_psnr": 21.0}) + "\n")
+    (folder / "best.ckpt").write_bytes(b"")
+    # What the interrupted invocation left: its training time at the interrupt, the whole budget.
+    (folder / run_experiments.RUN_FILE).write_text(json.dumps(
+        {"status": "training", "train_s": 60.0, "num_epoch": 3, "flags": run.flags, "extra": [], "minutes": 1.0}))
+    assert run_experiments.run_one(run, str(tmp_path), 3, [], [], 60.0, epochs_given=False) == "done"
+    assert "1 epoch(s) in 60 s (stopped by the budget)" in capsys.readouterr().out
+    assert run_experiments.run_one(run, str(tmp_path), 3, [], [], 100.0, epochs_given=False) == "done"
+    assert "--resume" in calls[1][0] and calls[1][1] == pytest.approx(40.0)
+
+
+def test_ctrl_c_after_the_budget_stop_sends_no_second_signal(tmp_path, monkeypatch):
+    """The Trainer, told to stop by the budget's SIGTERM, was then sent SIGINT by a Ctrl-C to the
+    runner: a second signal, on which it aborts without its checkpoint."""
+    got = tmp_path / "signals.txt"
+    child = ("import signal, sys, time\n"
+             "def note(n, f):\n"
+             f"    open({str(got)!r}, 'a').write(signal.Signals(n).name + ' ')\n"
+             "    if n == signal.SIGTERM:\n"
+             "        time.sleep(1.0)\n"  # saving its checkpoint
+             "        sys.exit(143)\n"
+             "signal.signal(signal.SIGTERM, note)\n"
+             "signal.signal(signal.SIGINT, note)\n"
+             "time.sleep(30)\n")
+    log = tmp_path / "log.txt"
+    real_sleep = run_experiments.time.sleep
+
+    def sleep(s):  # Ctrl-C arrives while the Trainer saves after the budget's SIGTERM
+        real_sleep(s)
+        if got.exists():
+            raise KeyboardInterrupt
+    monkeypatch.setattr(run_experiments.time, "sleep", sleep)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiments.run_logged([run_experiments.sys.executable, "-c", child], str(log), limit_s=0.5)
+    assert got.read_text().split() == ["SIGTERM"]
+
+
+def test_only_keeps_each_runs_place_in_the_grid(tmp_path, monkeypatch):
+    """--only numbered the runs it picked from 0, so plot_report's table of runs made by separate
+    --only invocations came out in another order than the grid's."""
+    seen = {}
+
+    def run_one(run, out, num_epoch, extra, test_extra, limit_s, index=0, epochs_given=True):
+        seen[run.name] = index
+        return "done"
+    monkeypatch.setattr(run_experiments, "run_one", run_one)
+    names = [r.name for r in run_experiments.GRIDS["report"]()]
+    pick = names[3]
+    assert run_experiments.main(["--grid", "report", "--only", pick, "--epochs", "1", "--out", str(tmp_path)]) == 0
+    assert seen == {pick: 3}
+
+
 def test_calibration_sizes_runs_to_the_budget(tmp_path, monkeypatch, capsys):
     """Two timed epochs of the grid's first run give the epochs per run (within 90 % of --minutes),
     cached for the same flags; timed without --fast_train, whose short first epochs would size the
@@ -226,7 +295,7 @@ def test_plotter_reads_a_run_without_a_readable_args_json(tmp_path):
     (tmp_path / "run" / "args.json").write_text("")
     assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
     row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
-    assert [c.strip() for c in row.split("|")[1:4]] == ["run", "?", "?"]
+    assert [c.strip() for c in row.split("|")[1:6]] == ["run", "?", "?", "?", "?"]  # not "fixed", "mse"
 
 
 def test_plotter_reads_hand_edited_files(tmp_path):
@@ -238,7 +307,7 @@ def test_plotter_reads_hand_edited_files(tmp_path):
     (tmp_path / "run" / "run.json").write_text('"fixed"')
     assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
     row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
-    assert [c.strip() for c in row.split("|")[1:4]] == ["run", "?", "?"]
+    assert [c.strip() for c in row.split("|")[1:6]] == ["run", "?", "?", "?", "?"]  # not "fixed", "mse"
 
 
 @pytest.mark.parametrize("tested, stale", [(1, True), (3, False)])
