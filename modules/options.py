@@ -5,6 +5,16 @@ import errno
 import math
 import os
 import re
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help with each flag's default, but none for a default of None: there the flag's help says
+    what happens without it ("(default: None)" beside "default: cuda when present")."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 MODEL_DIMS = ("F_dim", "L_dim", "N_dim", "D_out_dim")
 # The arguments that rebuild the model from a checkpoint.
 MODEL_ARGS = MODEL_DIMS + ("frame_H", "frame_W", "prior", "residual", "condition", "first_pose", "warp", "pose_flow",
@@ -121,7 +131,7 @@ def check_warp_loss(args):
 def trainer_parser():
     p = reads_negative_numbers(argparse.ArgumentParser(description="Train the pose-conditioned video VAE.",
                                                        parents=[common_parser()],
-                                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+                                                       formatter_class=HelpFormatter))
     g = p.add_argument_group("training")
     g.add_argument("--batch_size", type=int, default=2, help="sequences per step (per process under torchrun)")
     g.add_argument("--lr", type=float, default=1e-3, help="learning rate")
@@ -207,7 +217,7 @@ def trainer_parser():
 def tester_parser():
     p = reads_negative_numbers(argparse.ArgumentParser(description="Generate the test sequences, GIFs and "
                                                        "submission.csv.", parents=[common_parser()],
-                                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+                                                       formatter_class=HelpFormatter))
     p.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by Trainer.py (or lab code)")
     p.add_argument("--test_len", type=int, default=630, help="frames per test sequence, the first included")
     p.add_argument("--split", choices=("test", "test_unseen"), default="test",

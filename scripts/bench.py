@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.model import build_model  # noqa: E402
 from modules.engine import WindowBatches, first_line, is_out_of_memory  # noqa: E402
-from modules.options import (ConfigError, add_warp_loss, check_common, check_model, check_warp_loss,  # noqa: E402
+from modules.options import (ConfigError, HelpFormatter, add_warp_loss, check_common, check_model, check_warp_loss,  # noqa: E402
                              common_parser, hide_from_help, reads_negative_numbers)
 from modules.runtime import (Speed, keep_freed_memory, peak_memory_growth, prepare_model, resolve_speed,  # noqa: E402
                             rollout, to_float)
@@ -41,7 +41,7 @@ from modules.runtime import (Speed, keep_freed_memory, peak_memory_growth, prepa
 def get_parser():
     p = reads_negative_numbers(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                                        parents=[common_parser()],
-                                                       formatter_class=argparse.ArgumentDefaultsHelpFormatter))
+                                                       formatter_class=HelpFormatter))
     # Random data: the data flags are accepted (Trainer command lines pass them) but unused.
     hide_from_help(p, ("DR", "save_root", "num_workers", "no_cache"))
     p.add_argument("--batch_size", type=int, default=2, help="sequences per training step")

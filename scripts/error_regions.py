@@ -27,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataloader import RESAMPLE, DataError, TestSequences  # noqa: E402
 from modules.checkpoint import CheckpointError  # noqa: E402
-from modules.options import ConfigError  # noqa: E402
+from modules.options import ConfigError, HelpFormatter  # noqa: E402
 from modules.metrics import drift, psnr  # noqa: E402
 from scripts.make_dance_data import MARKER, Video, plan  # noqa: E402
 
@@ -36,7 +36,7 @@ REGIONS = ("dancer", "revealed", "rest")
 
 def get_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--DR", default="data/dance", help="a dataset written by scripts/make_dance_data.py")
     p.add_argument("--ckpt_path", default=None, help="also split this checkpoint's error")
     p.add_argument("--test_len", type=int, default=None,

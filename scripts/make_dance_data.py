@@ -784,9 +784,10 @@ def make_preview(path, seed=0, height=128, width=256, frames=8, stride=8, dancer
 
 
 def get_args_parser():
+    from modules.options import HelpFormatter  # here, not at import, as write_json below
     p = argparse.ArgumentParser(
         description="Write the procedural dance dataset in the lab's layout (docs/DATA.md).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("--out", help="dataset root to write (the lab's DR)")
     p.add_argument("--seed", type=int, default=0,
                    help="same flags and seed give byte-identical files")

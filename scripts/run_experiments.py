@@ -339,8 +339,9 @@ def _interrupt(signum, frame):
 
 
 def get_parser():
+    from modules.options import HelpFormatter  # imported when used, as write_json's writer
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                formatter_class=HelpFormatter,
                                 usage="%(prog)s [options] [-- TRAINER_FLAGS ...]")
     p.add_argument("--grid", choices=sorted(GRIDS), default="report", help="which runs")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the grid")

@@ -164,3 +164,12 @@ def test_shell_script_commands_parse(script, tmp_path):
     assert {name for _, _, (name, _) in found} == SHELL_SCRIPTS[script]
     failures = parse_failures(found)
     assert not failures, f"{script}: commands that no longer parse:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("script", sorted(PARSERS))
+def test_help_names_no_default_of_none(script):
+    """'--device ... (default: cuda when present) (default: None)': a default of None is the
+    help's to explain, not the formatter's to print."""
+    text = PARSERS[script]().format_help()
+    assert "(default: None)" not in text
+    assert "(default: " in text  # the others are printed
