@@ -21,7 +21,7 @@ from PIL import Image
 from modules.files import atomic_write
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp")
-CACHE_FORMAT = 1  # bump when the decoding changes, so old caches are re-read
+CACHE_FORMAT = 2  # bump when the decoding changes, so old caches are re-read (2: 16-bit keyed PNGs)
 # Bilinear is what torchvision's Resize (the lab's transform) uses on PIL images; Pillow widens
 # its support when shrinking, so the downsampling is antialiased.
 RESAMPLE = Image.Resampling.BILINEAR
@@ -80,6 +80,10 @@ def _scan(folder, what="frames"):
                         "(layout in docs/DATA.md)")
     entries = []
     for e in _entries(folder):
+        if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTS) and e.is_symlink() \
+                and not os.path.exists(e.path):  # is_file() says False: it would be passed over unsaid
+            raise DataError(f"{e.path} is a link to {os.readlink(e.path)}, which does not exist; restore "
+                            "it, or remove the link together with its frame or label")
         if not e.name.startswith(".") and e.name.lower().endswith(IMAGE_EXTS) and e.is_file():
             st = e.stat()
             entries.append((frame_number(os.path.join(folder, e.name)), e.name,
@@ -119,9 +123,13 @@ def _to_rgb(im):
     """Any Pillow mode to 8-bit RGB; transparent pixels become black (the labels' background)."""
     if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
         a = np.asarray(im, dtype=np.float64)
+        key = im.info.get("transparency")
+        keyed = a == key if isinstance(key, (int, float)) else None  # a tRNS grey value: transparent
         # 16-bit greyscale PNGs open as I;16 (or I in older Pillow): scale 0..65535 to 0..255
         if im.mode.startswith("I;16") or (im.mode == "I" and a.max() > 255):
             a = a / 257.0
+        if keyed is not None:
+            a[keyed] = 0
         return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8)).convert("RGB")
     if im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in im.info:
         im = im.convert("RGBA")
@@ -318,6 +326,27 @@ def video_lengths(split_dir, n_frames, img_dir=None):
     return lengths
 
 
+def _check_test_lengths(label_root, labels, test_len):
+    """Every test sequence is generated for test_len frames, one pose each: a skip in a sequence's
+    numbering (a lost label) or sequences of different lengths are named as such, where a
+    message about one sequence's count would send the user from one --test_len to another."""
+    for k, names in labels.items():
+        numbers = [frame_number(n) for n in names]
+        skip = next((i for i in range(len(numbers) - 1) if numbers[i + 1] != numbers[i] + 1), None)
+        if skip is not None:
+            raise DataError(f"{os.path.join(label_root, k)} skips from {names[skip]} to {names[skip + 1]}: a test "
+                            "sequence needs the pose of every frame; restore the missing labels")
+    counts = {k: len(names) for k, names in labels.items()}
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{k}: {n}" for k, n in counts.items())
+        raise DataError(f"the test sequences in {label_root} hold different numbers of pose labels ({listed}); "
+                        f"each is generated for --test_len frames ({test_len}): give them the same length")
+    n = next(iter(counts.values()))
+    if n != test_len:
+        raise DataError(f"{label_root} holds sequences of {n} pose labels but test_len is {test_len}; "
+                        f"pass --test_len {n} if that is intended")
+
+
 class TrainWindows(torch.utils.data.Dataset):
     """Non-overlapping windows of video_len consecutive frames, inside each video.
 
@@ -351,8 +380,18 @@ class TrainWindows(torch.utils.data.Dataset):
             where = (f"its longest video has {longest} frames" if len(self.video_lengths) > 1
                      else f"it has {longest} frames")
             flag = "train_vi_len" if split == "train" else "val_vi_len"
-            raise DataError(f"{img_dir}: {where}, fewer than one sequence of {self.video_len}; "
-                            f"lower --{flag} or add frames")
+            fix = f"lower --{flag} or add frames"
+            if len(self.video_lengths) > 1 and not os.path.exists(os.path.join(split_dir, MANIFEST)):
+                # The videos are the runs of consecutive numbers: a skip (a lost frame, frames
+                # numbered in steps) is what cut them short.
+                names = list_frames(img_dir)
+                i = next(i for i in range(len(names) - 1)
+                         if frame_number(names[i + 1]) != frame_number(names[i]) + 1)
+                fix = (f"the frame numbers skip ({names[i]} then {names[i + 1]}, {len(self.video_lengths) - 1} "
+                       f"skip(s)) and no sequence crosses a skip: restore the missing frames, number them "
+                       f"consecutively, or give the videos' lengths in {os.path.join(split_dir, MANIFEST)} "
+                       f"(docs/DATA.md); or {fix}")
+            raise DataError(f"{img_dir}: {where}, fewer than one sequence of {self.video_len}; {fix}")
         self.all_starts = torch.tensor(starts, dtype=torch.int64)
         self.starts = self.all_starts[:max(1, int(len(starts) * float(partial)))]
 
@@ -420,16 +459,15 @@ class TestSequences:
                 raise DataError(f"{os.path.join(dirs[have], extra[0])} has no matching "
                                 f"{os.path.join(dirs[lack], extra[0])}; add it or remove the "
                                 "sequence")
+        scans = {k: _scan(os.path.join(dirs["test_label"], k), "pose labels") for k in names}
+        _check_test_lengths(dirs["test_label"], {k: labels for k, (labels, _) in scans.items()}, test_len)
         listings, plan = [], []
         for k in names:
             img_dir = os.path.join(dirs["test_img"], k)
             label_dir = os.path.join(dirs["test_label"], k)
             gt_dir = os.path.join(dirs["test_gt"], k)
             imgs, img_stats = _scan(img_dir, "first frames")
-            labels, label_stats = _scan(label_dir, "pose labels")
-            if len(labels) != test_len:
-                raise DataError(f"{label_dir} holds {len(labels)} pose labels but test_len is "
-                                f"{test_len}; pass --test_len {len(labels)} if that is intended")
+            labels, label_stats = scans[k]
             listings += [(img_dir, imgs[:1], img_stats[:1]), (label_dir, labels, label_stats)]
             gt = None
             if os.path.isdir(gt_dir):

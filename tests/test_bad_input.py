@@ -395,6 +395,13 @@ def broken_copy(dr, tmp_path, how):
     elif how == "short_test_sequence":
         for i in range(15, 20):
             os.remove(os.path.join(out, "test", "test_label", "1", f"frame{i}.png"))
+    elif how == "test_label_gap":  # a lost label, and its frame
+        for kind in ("test_label", "test_gt"):
+            os.remove(os.path.join(out, "test", kind, "0", "frame5.png"))
+    elif how == "val_gap":  # as the lab's data, which has no videos.json
+        os.remove(os.path.join(out, "val", "videos.json"))
+        for kind in ("val_img", "val_label"):
+            os.remove(os.path.join(out, "val", kind, "frame10.png"))
     elif how == "interrupted_generation":  # as make_dance_data.py leaves a dataset it did not finish
         os.remove(os.path.join(out, "dataset.json"))
         open(os.path.join(out, ".make_dance_data_partial"), "w").close()
@@ -410,6 +417,9 @@ def broken_copy(dr, tmp_path, how):
     ("missing_label", [], "{dr}/train/train_img/frame7.png has no label {dr}/train/train_label/frame7.png"),
     ("intact", ["--train_vi_len", "40"], "fewer than one sequence of 40; lower --train_vi_len"),
     ("intact", ["--val_vi_len", "30"], "fewer than one sequence of 30; lower --val_vi_len"),
+    ("val_gap", [], "fewer than one sequence of 20; the frame numbers skip (frame9.png then frame11.png, 1 skip(s)) "
+                    "and no sequence crosses a skip: restore the missing frames, number them consecutively, or give "
+                    "the videos' lengths in {dr}/val/videos.json (docs/DATA.md); or lower --val_vi_len or add frames"),
     ("interrupted_generation", [], "{dr} is incomplete: scripts/make_dance_data.py was interrupted"),
 ])
 def test_trainer_dataset_problem(trained, tmp_path, capsys, how, extra, message):
@@ -460,8 +470,13 @@ def test_bad_dataset_leaves_no_empty_run_folder(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("how, extra, message", [
     ("missing_root", [], "dataset root {dr} not found"),
-    ("short_test_sequence", [], "{dr}/test/test_label/1 holds 15 pose labels but test_len is 20; pass --test_len 15"),
-    ("intact", ["--test_len", "30"], "holds 20 pose labels but test_len is 30"),
+    ("short_test_sequence", [], "the test sequences in {dr}/test/test_label hold different numbers of pose labels "
+                                "(0: 20, 1: 15); each is generated for --test_len frames (20): give them the same "
+                                "length"),
+    ("test_label_gap", [], "{dr}/test/test_label/0 skips from frame4.png to frame6.png: a test sequence needs the "
+                           "pose of every frame; restore the missing labels"),
+    ("intact", ["--test_len", "30"], "{dr}/test/test_label holds sequences of 20 pose labels but test_len is 30; "
+                                     "pass --test_len 20"),
     ("corrupt_test_frame", [], "cannot read {dr}/test/test_img/0/frame0.png"),
     ("interrupted_generation", [], "{dr} is incomplete: scripts/make_dance_data.py was interrupted"),
 ])

@@ -141,7 +141,7 @@ def test_test_sequences(tiny_dance):
     assert torch.equal(item["first"], item["gt"][0])
     unseen = TestSequences(tiny_dance, test_len=20, split="test_unseen")
     assert len(unseen) == 1
-    with pytest.raises(DataError, match=r"holds 20 pose labels but test_len is 630.*--test_len 20"):
+    with pytest.raises(DataError, match=r"holds sequences of 20 pose labels but test_len is 630.*--test_len 20"):
         TestSequences(tiny_dance)
 
 
@@ -253,8 +253,12 @@ def test_modes_and_sizes(tmp_path):
     pal.save(d / "palette.png")
     Image.fromarray(np.full((40, 80), 65535, np.uint16)).save(d / "deep.png")  # 16-bit grey
     Image.new("RGB", (17, 9), (50, 60, 70)).save(d / "odd.jpg", quality=100)
+    keyed = np.full((32, 64), 30583, np.uint16)
+    keyed[0, 0] = 65535
+    Image.fromarray(keyed).save(d / "deep_keyed.png", transparency=30583)  # 16-bit grey, a tRNS key
     expect = {"grey.png": (100,) * 3, "grey_alpha.png": (0, 0, 0), "rgba.png": (10, 20, 30),
-              "palette.png": (7, 8, 9), "deep.png": (255,) * 3, "odd.jpg": (50, 60, 70)}
+              "palette.png": (7, 8, 9), "deep.png": (255,) * 3, "odd.jpg": (50, 60, 70),
+              "deep_keyed.png": (0, 0, 0)}  # transparent pixels are black, as in every other mode
     for name, rgb in expect.items():
         a = dataloader.read_image(str(d / name), 32, 64)
         assert a.shape == (32, 64, 3) and a.dtype == np.uint8, name
@@ -276,6 +280,17 @@ def test_missing_root_and_split(tmp_path):
         TrainWindows(tmp_path)
     with pytest.raises(DataError, match=r"test not found"):
         TestSequences(tmp_path)
+
+
+def test_a_broken_link_is_named(tmp_path):
+    """A frame that is a link to a missing file was passed over: the pair vanished unsaid (its
+    video split in two), or its label was said to have no frame, which was there."""
+    img, lab = _split(tmp_path, "train", 6)
+    for folder in (img, lab):
+        (folder / "frame3.png").unlink()
+        (folder / "frame3.png").symlink_to(tmp_path / "gone.png")
+    with pytest.raises(DataError, match=r"train_img/frame3.png is a link to .*gone.png, which does not exist"):
+        TrainWindows(tmp_path, video_len=2, cache=False)
 
 
 def test_image_without_label_and_reverse(tmp_path):
