@@ -506,10 +506,6 @@ def _train(args, d, stop, claimed):
             print(f"{best_path} holds a model validated at {kept:.2f} dB, above this run's best so far "
                   f"({best_psnr:.2f} dB): a validation replaces it only if it scores higher", flush=True)
             best_psnr = kept
-        from torch.utils.tensorboard import SummaryWriter
-        # Events from a later epoch than this run starts at (a crash before last.ckpt was written,
-        # or a run taken back to an earlier checkpoint) are hidden from TensorBoard's curves.
-        writer = SummaryWriter(args.save_root, purge_step=start_epoch + 1 if start_epoch else None)
         write_json(os.path.join(args.save_root, "args.json"), plain_args(args))  # atomic: a crash keeps the old one
         print(f"Training on {speed.device} ({d.world_size} process(es)), amp={speed.amp}, "
               f"channels_last={speed.channels_last}, compile={speed.compile}; "
@@ -524,7 +520,8 @@ def _train(args, d, stop, claimed):
     metrics_path = os.path.join(args.save_root, "metrics.jsonl")
     last = os.path.join(args.save_root, "last.ckpt")
     # metrics.jsonl keeps the rows of epochs after start_epoch (a run taken back to an earlier
-    # checkpoint) until this run writes its first row: a run that fails before that leaves the
+    # checkpoint, or one that crashed before last.ckpt was written) until this run writes its first
+    # row, and TensorBoard shows their events until then: a run that fails before that leaves the
     # folder as it found it.
     trimmed = False
     # Where a failure before this run's first checkpoint leaves the user: at the checkpoint it started from.
@@ -545,7 +542,7 @@ def _train(args, d, stop, claimed):
             lowest = recon if lowest is None else min(lowest, recon)
 
     for epoch in range(start_epoch, args.num_epoch):
-        t0 = time.time()
+        t0 = time.time() - (progress or {}).get("time_s", 0.0)  # a resumed epoch counts its time before the stop
         try:
             row, finished, prog = train_one_epoch(
                 train_model, optimizer, batches, epoch, args, speed, params, resume=progress,
@@ -571,6 +568,7 @@ def _train(args, d, stop, claimed):
         nan_skipped, nan_run = prog["nan_skipped"], prog["nan_run"]
         if not finished:
             oom = prog.pop("oom", None)
+            prog["time_s"] = time.time() - t0
             if d.is_main:
                 save_checkpoint(last, make_state(model, optimizer, args, epoch, prog, best_psnr, nan_skipped, nan_run, guard))
                 if oom is None:
@@ -603,19 +601,22 @@ def _train(args, d, stop, claimed):
             if is_best:
                 best_psnr = val["psnr"]
             # last.ckpt is written last: until it is, a resume redoes the epoch and rewrites the
-            # row (see trim_metrics) and the other checkpoints, whatever moment a crash hit.
+            # row (see trim_metrics), its events and the other checkpoints, whatever moment a crash hit.
             if not trimmed:
                 trim_metrics(metrics_path, epoch)
+                from torch.utils.tensorboard import SummaryWriter
+                # Events of later epochs than this one are hidden from TensorBoard's curves.
+                writer = SummaryWriter(args.save_root, purge_step=epoch + 1 if epoch else None)
                 trimmed = True
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            log_epoch(writer, row, val)
             state = make_state(model, optimizer, args, epoch + 1, None, best_psnr, nan_skipped, nan_run, guard)
             if is_best:
                 save_checkpoint(os.path.join(args.save_root, "best.ckpt"), state)
             if (epoch + 1) % args.per_save == 0:
                 save_checkpoint(os.path.join(args.save_root, f"epoch_{epoch + 1}.ckpt"), state)
             save_checkpoint(last, state)
-            log_epoch(writer, row, val)
             if args.store_visualization and val is not None:
                 save_visualization(args.save_root, epoch + 1, val)
             vtxt = f" | val PSNR {val['psnr']:.2f} dB{' (best)' if is_best else ''}" if val else ""
@@ -631,8 +632,8 @@ def _train(args, d, stop, claimed):
                     f"{max(2, args.val_vi_len // 2)} (or a larger --val_every). ({val_oom})")
         started_from = None  # last.ckpt is this run's now
         d.barrier()
-    if writer is not None:
-        writer.close()
+    if d.is_main:
+        writer.close()  # made at the first epoch's row; every run that gets here wrote one
         # best.ckpt is written only for a finite val PSNR (a NaN one never beats -inf).
         best = os.path.join(args.save_root, "best.ckpt")
         # The Tester reads the data flags from its own command line, not from the checkpoint.

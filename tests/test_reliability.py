@@ -602,6 +602,66 @@ def test_out_of_memory_saves_the_position_and_names_the_fix(baseline, dr, tmp_pa
     assert rows(run) == rows(baseline)
 
 
+def test_a_resumed_epoch_counts_its_time_before_the_stop(dr, tmp_path, monkeypatch):
+    """time_s of an epoch stopped and resumed covered only the steps after the resume."""
+    forward, calls = VAE_Model.forward, []
+
+    def slow_then_out_of_memory(self, *a, **kw):
+        calls.append(1)
+        if len(calls) in (7, 8):  # epoch 2, steps 0 and 1 (6 steps an epoch): 1.2 s before the stop
+            time.sleep(0.6)
+        if len(calls) == 9:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory.")
+        return forward(self, *a, **kw)
+    monkeypatch.setattr(VAE_Model, "forward", slow_then_out_of_memory)
+    run = str(tmp_path / "run")
+    assert Trainer.main(["--DR", dr, *RUN, "--save_root", run]) == 2
+    assert load_checkpoint(os.path.join(run, "last.ckpt"))["progress"]["time_s"] >= 1.2
+    monkeypatch.setattr(VAE_Model, "forward", forward)
+    assert Trainer.main(["--resume", run]) == 0
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        assert json.loads(f.readlines()[1])["time_s"] >= 1.2
+
+
+def events(run, tag="train/loss"):
+    """The epochs TensorBoard shows for `tag` in a run folder, as its reader resolves them."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(run)
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_tensorboard_keeps_every_epoch_through_a_stop_anywhere(baseline, tmp_path, monkeypatch):
+    """Two ways TensorBoard lost epochs for good: a run taken back to an earlier checkpoint hid the
+    later epochs' events as it started (a stop before its first epoch ended then lost them, while
+    metrics.jsonl kept its rows); and an epoch's events were written after last.ckpt, so a stop in
+    between left that epoch out of the curves."""
+    run = str(tmp_path / "run")
+    shutil.copytree(baseline, run)
+    assert events(run) == [1, 2, 3]
+    train_one_epoch = Trainer.train_one_epoch
+
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(Trainer, "train_one_epoch", interrupted)
+    assert Trainer.main(["--ckpt_path", os.path.join(run, "epoch_1.ckpt")]) == 130
+    assert events(run) == [1, 2, 3] and [r["epoch"] for r in rows(run)] == [1, 2, 3]
+
+    monkeypatch.setattr(Trainer, "train_one_epoch", train_one_epoch)
+    log_epoch = Trainer.log_epoch
+
+    def killed_while_logging(writer, row, val):
+        if row["epoch"] == 3:
+            raise KeyboardInterrupt
+        log_epoch(writer, row, val)
+    monkeypatch.setattr(Trainer, "log_epoch", killed_while_logging)
+    assert Trainer.main(["--ckpt_path", os.path.join(run, "epoch_1.ckpt")]) == 130
+    monkeypatch.setattr(Trainer, "log_epoch", log_epoch)
+    assert Trainer.main(["--resume", run]) == 0
+    assert events(run) == [1, 2, 3] and events(run, "val/psnr") == [1, 2, 3]
+    assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
+
+
 def test_out_of_memory_in_validation_keeps_the_epoch(dr, tmp_path, monkeypatch, capsys):
     """Validation that runs out of memory: the trained epoch is saved (its row without val_psnr),
     and one line names the resume command with a shorter validation."""
