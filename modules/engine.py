@@ -282,15 +282,15 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
     # The same sums since the last log point, kept apart: differences of the running sums lose
     # the small errors that follow a spike (float32; a window of 0 was then the lowest).
     window = torch.zeros_like(sums)
-
-    last_watched = [start]  # the step after the previous call
+    watched = start  # the first step of the window
 
     def watch_window(upto):
-        """Hand `watch` the mean training error of the steps since its previous call up to step
-        `upto` (exclusive), and their number, unless every one of them was skipped."""
+        """Hand `watch` the mean training error of the window's steps up to step `upto` (exclusive),
+        and their number, unless every one of them was skipped; start the next window there."""
+        nonlocal watched
         since = window.tolist()
         window.zero_()
-        n, last_watched[0] = upto - last_watched[0], upto
+        n, watched = upto - watched, upto
         if watch is not None and since[3] > 0:
             watch(since[1] / since[3], n)
 
@@ -376,7 +376,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
                             **tf_shown, lr=f"{lr:.2e}")
     else:
         step = steps_per_epoch
-    if is_main and step > last_watched[0]:
+    if is_main and step > watched:
         watch_window(step)  # the steps after the last log point (all of them in an epoch shorter than --log_every)
     bar.close()
     finished = step >= steps_per_epoch
