@@ -262,10 +262,10 @@ def adopt_run_args(args, argv):
     ckpt = load_checkpoint(path)
     stored = ckpt.get("args") or {}
     if ckpt.get("lab_format"):
-        # Weights only: lab code's model (VAE_Model), or this project's re-saved, whose flags without
-        # weights the weights imply as far as they can; its other flags are this run's.
-        margs = model_args(ckpt, path)
-        stored = {k: margs[k] for k in ("lab_activation", "condition", "residual")}
+        # Weights only: lab code's model (VAE_Model), or this project's re-saved. The model is what
+        # the weights say (dims, layers) and imply (lab_activation, condition, residual); the other
+        # flags are this run's.
+        stored = {k: v for k, v in model_args(ckpt, path).items() if v is not None and k not in ("frame_H", "frame_W")}
     given = given_flags(trainer_parser, argv)
     for k, v in stored.items():
         if hasattr(args, k) and k not in given and k not in NOT_ADOPTED:

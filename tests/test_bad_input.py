@@ -1,6 +1,7 @@
 """Bad input (issue 5): each answered by Trainer.py or Tester.py with one `error: ...` line on
 stderr that names the thing and the fix, exit code 2, and no traceback. Tiny data, CPU, in process.
 """
+import json
 import os
 import shutil
 import sys
@@ -372,14 +373,19 @@ def test_resume_from_another_folder_with_a_relative_dataset_path(trained, tmp_pa
     assert Trainer.main(["--resume", run, "--num_epoch", "2", "--DR", dr]) == 0
 
 
-def test_lab_checkpoint_with_other_dims_names_the_flags(trained, tmp_path, capsys):
-    """Checkpoints written by lab code hold only {"state_dict", ...}; the dims come off the weights."""
+def test_lab_checkpoint_dims_come_off_its_weights(trained, tmp_path, capsys):
+    """Checkpoints written by lab code hold only {"state_dict", ...}: the dims come off the weights
+    (they were refused at the defaults, so the user had to type them); dims given that contradict
+    them are named."""
     dr, good = trained
     lab = str(tmp_path / "lab.ckpt")
     torch.save({"state_dict": torch.load(good, weights_only=True)["model"], "optimizer": {}}, lab)
-    line = error_of(Trainer.main, ["--DR", dr, "--device", "cpu", "--val_vi_len", "20", "--ckpt_path", lab,
-                                   "--save_root", tmp_path / "run"], capsys)
-    assert "--F_dim 128 (checkpoint: 16)" in line and "--L_dim 32 (checkpoint: 8)" in line
+    common = ["--DR", dr, "--device", "cpu", "--val_vi_len", "20", "--ckpt_path", lab, "--num_epoch", "1",
+              "--train_vi_len", "4", "--partial", "0.09"]
+    line = error_of(Trainer.main, [*common, "--F_dim", "128", "--save_root", tmp_path / "run"], capsys)
+    assert "--F_dim 128 (checkpoint: 16)" in line and "L_dim" not in line
+    assert Trainer.main([*common, "--save_root", str(tmp_path / "run")]) == 0
+    assert json.load(open(tmp_path / "run" / "args.json"))["F_dim"] == 16
 
 
 # ----------------------------------------------------------------------------- dataset
