@@ -80,8 +80,8 @@ def keep_freed_memory():
 def peak_memory_growth(fn, device):
     """Bytes: the most memory allocated at once while fn() runs, above what was allocated when it
     started. CUDA: the caching allocator's peak statistic. CPU: the profiler's record of every
-    allocation (its running total counts from the start of profiling; frees of older blocks are
-    not in it, so this is an upper bound when fn frees memory it did not allocate)."""
+    allocation (frees of older blocks are not in it, so this is an upper bound when fn frees
+    memory it did not allocate)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -100,7 +100,14 @@ def peak_memory_growth(fn, device):
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    return max([e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"], default=0)
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not memory:
+        return 0
+    # The profiler's running total does not start at 0 in every session: blocks allocated under an
+    # earlier profiler and freed after it stopped stay counted. What it held before the first event
+    # is that event's total less its own allocation.
+    base = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in memory) - base
 
 
 def prepare_model(model, speed):

@@ -74,6 +74,8 @@ def sync(device):
 
 
 def peak_mb(device):
+    """CUDA: the allocator's peak over the timed steps. CPU: the process's peak resident memory so
+    far, which after the plain path includes its peak (run --skip_eager for the fast path's own)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -166,13 +168,14 @@ def time_data(args, speed, train_steps_per_s):
 
 
 def flops_per_frame(model, speed, args):
-    """FLOPs of one training step (forward + backward) per predicted frame, counted by PyTorch."""
+    """FLOPs of one training step (forward + backward) per predicted frame, counted by PyTorch, for
+    the step the fast path times: its teacher forcing, and the recomputation of --grad_ckpt."""
     from torch.utils.flop_counter import FlopCounterMode
     B, T = 1, args.train_vi_len
     x = torch.rand(B, T, 3, args.frame_H, args.frame_W, device=speed.device)
     m = copy.deepcopy(model).float()
     with FlopCounterMode(display=False) as counter:
-        m(x, x, True, fast=True, warp_loss=args.warp_loss)["loss"].backward()
+        m(x, x, args.tf == "on", fast=True, grad_ckpt=args.grad_ckpt, warp_loss=args.warp_loss)["loss"].backward()
     return counter.get_total_flops() / (B * (T - 1))
 
 
@@ -206,7 +209,8 @@ def measure(base, plain, fast, args, log):
     m = prepare_model(copy.deepcopy(base), fast)
     tfps, peak, act, warm_s = time_training(m, fast, args, eager=False)
     res.update(train_frames_per_s=tfps, peak_mem_mb=peak, act_mem_mb_per_sample_frame=act, warmup_s=warm_s)
-    log(f"fast train: {tfps:.1f} frames/s, peak memory {peak:.0f} MB, activations {act:.2f} MB per sample-frame"
+    what = "peak memory" if fast.device.type == "cuda" else "process peak RSS so far"
+    log(f"fast train: {tfps:.1f} frames/s, {what} {peak:.0f} MB, activations {act:.2f} MB per sample-frame"
         f" (warm-up {warm_s:.1f}s)")
     res["gen_1seq_frames_per_s"], res["gen_warmup_s"] = time_generation(m, fast, args, 1, plain=False)
     res["gen_frames_per_s"], _ = time_generation(m, fast, args, args.gen_seqs, plain=False)
@@ -241,8 +245,8 @@ def run(argv=None):
                 and args.device.startswith("cuda") and args.cuda_graphs != "off" and not args.plain):
             raise ConfigError(f"--compile_mode {args.compile_mode} captures CUDA graphs itself, and the generation "
                               "step is captured already: use default or max-autotune-no-cudagraphs with --compile_gen")
-        for k in ("steps", "rounds", "gen_len", "gen_seqs", "batch_size", "train_vi_len"):
-            least = 2 if k in ("gen_len", "train_vi_len") else 1
+        for k in ("steps", "rounds", "gen_len", "gen_seqs", "batch_size", "train_vi_len", "warmup"):
+            least = 2 if k in ("gen_len", "train_vi_len") else 0 if k == "warmup" else 1
             if getattr(args, k) < least:
                 raise ConfigError(f"--{k} must be at least {least}, got {getattr(args, k)}")
     except ConfigError as e:
@@ -260,7 +264,11 @@ def run(argv=None):
            "fast": {"amp": fast.amp, "channels_last": fast.channels_last, "compile": fast.compile,
                     "compile_mode": args.compile_mode, "cuda_graphs": fast.cuda_graphs,
                     "compile_gen": fast.compile_gen, "grad_ckpt": args.grad_ckpt, "malloc_cache": fast.malloc_cache},
-           "warp_loss": args.warp_loss}
+           "warp_loss": args.warp_loss,
+           # What peak_mem_mb is (see peak_mb): on the CPU it is not the fast path's own after the plain one.
+           "peak_mem_of": ("the allocator's peak of the timed training steps" if fast.device.type == "cuda" else
+                           "the process's peak resident memory so far" + ("" if args.skip_eager else
+                                                                          ", the plain path's included"))}
 
     def log(msg):
         if not args.json:

@@ -368,6 +368,22 @@ def test_bench_json(capsys, monkeypatch):
     assert "--rounds must be at least 1" in capsys.readouterr().err
 
 
+def test_bench_counts_the_flops_of_the_step_it_times():
+    """The FLOP count was of a teacher-forced pass without checkpointing whatever --tf and
+    --grad_ckpt said, so the TFLOP/s of those steps came out low."""
+    from types import SimpleNamespace
+    from scripts import bench
+    from modules.runtime import Speed
+    model = VAE_Model(16, 8, 4, 16)
+    speed = Speed(torch.device("cpu"), False, False, False, False, True)
+    flops = {(tf, ckpt): bench.flops_per_frame(model, speed, SimpleNamespace(
+        train_vi_len=4, frame_H=32, frame_W=64, tf=tf, grad_ckpt=ckpt, warp_loss=0.0))
+        for tf in ("on", "off") for ckpt in (False, True)}
+    base = flops[("on", False)]
+    assert flops[("off", False)] > base  # free-running encodes each prediction again
+    assert flops[("on", True)] > 1.2 * base  # the recomputed forward pass
+
+
 def test_bench_ctrl_c_is_one_line(capsys, monkeypatch):
     from scripts import bench
 
@@ -404,6 +420,7 @@ def test_bench_times_the_warp_loss(capsys, monkeypatch):
     (["--batch_size", "0"], "--batch_size must be at least 1, got 0"),
     (["--batch_size", "-1"], "--batch_size must be at least 1, got -1"),
     (["--train_vi_len", "1"], "--train_vi_len must be at least 2, got 1"),
+    (["--warmup", "-1"], "--warmup must be at least 0, got -1"),  # ran as 0
 ])
 def test_bench_sizes_out_of_range(capsys, flags, message):
     """Refused with one line before any work (were a ZeroDivisionError or a tensor error traceback)."""

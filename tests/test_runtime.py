@@ -70,3 +70,24 @@ def test_the_plain_path_on_a_gpu_keeps_float32_matmuls_and_convolutions():
     finally:
         (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
          torch.backends.cudnn.benchmark) = before
+
+
+def test_cpu_peak_memory_growth_forgets_earlier_sessions():
+    """The profiler's running total carried blocks allocated under an earlier measurement and
+    freed after it: each later measurement (the fast path after the plain one, every --rounds
+    round) came out larger by them."""
+    import torch
+    from modules.runtime import peak_memory_growth
+    cpu, mib = torch.device("cpu"), 2 ** 20
+    kept = []
+
+    def temporary():  # 1 MiB, freed inside the measurement
+        torch.empty(mib, dtype=torch.uint8).fill_(1)
+
+    def keeps():  # 8 MiB, freed only after the measurement ended
+        kept.append(torch.empty(8 * mib, dtype=torch.uint8).fill_(1))
+    first = peak_memory_growth(temporary, cpu)
+    assert peak_memory_growth(keeps, cpu) >= 8 * mib
+    kept.clear()
+    again = [peak_memory_growth(temporary, cpu) for _ in range(2)]
+    assert mib <= first < 2 * mib and all(mib <= g < 2 * mib for g in again), (first, again)
