@@ -1,4 +1,5 @@
-"""GIFs and figures. matplotlib is imported lazily and with the Agg backend (no display)."""
+"""GIFs and figures. matplotlib is imported lazily, and figures are made without pyplot, so the
+process's backend (a notebook's, say) is never switched."""
 
 import io
 
@@ -34,10 +35,9 @@ def side_by_side(*videos):
 
 def psnr_figure(curves, title="PSNR per frame"):
     """curves: {name: list of PSNR per frame (frames 1..L-1)} -> a matplotlib Figure."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     for name, curve in curves.items():
         ax.plot(np.arange(1, len(curve) + 1), curve, label=f"{name} (avg {np.mean(curve):.2f} dB)", lw=1)
     ax.set_xlabel("frame")
@@ -50,12 +50,7 @@ def psnr_figure(curves, title="PSNR per frame"):
 
 
 def save_psnr_plot(curves, path, title="PSNR per frame"):
-    import matplotlib.pyplot as plt
-    fig = psnr_figure(curves, title)
-    try:
-        fig.savefig(path, dpi=120)
-    finally:
-        plt.close(fig)
+    psnr_figure(curves, title).savefig(path, dpi=120)
     return path
 
 

@@ -24,11 +24,12 @@ import sys
 import time
 from types import SimpleNamespace
 
-# The CPU memory measure runs the profiler; its log lines (read when torch loads) are noise here.
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+if __name__ == "__main__":  # run as a file (imported, it changes nothing)
+    # The CPU memory measure runs the profiler; its log lines (read when torch loads) are noise here.
+    os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+    # Python puts scripts/ on the path; modules/ is at the root.
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from modules.model import build_model  # noqa: E402
 from modules.engine import WindowBatches, first_line, is_out_of_memory  # noqa: E402

@@ -23,7 +23,8 @@ import sys
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if __name__ == "__main__":  # run as a file, Python puts scripts/ on the path; modules/ is at the root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dataloader import RESAMPLE, DataError, TestSequences  # noqa: E402
 from modules.checkpoint import CheckpointError  # noqa: E402

@@ -103,11 +103,11 @@ def recon_key(run):
     return "l1" if "l1" in run["rows"][0] else "mse"
 
 
-def plt_module():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def figure(nrows=1, ncols=1, figsize=None, **kw):
+    """A matplotlib Figure and its axes, made without pyplot: the process's backend is left as it is."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=figsize)
+    return fig, fig.subplots(nrows, ncols, **kw)
 
 
 def log_y(ax):
@@ -134,7 +134,6 @@ def save(fig, path):
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
     fig.savefig(path, dpi=90)
-    plt_module().close(fig)
     return path
 
 
@@ -149,10 +148,9 @@ def coin_off_epochs(run):
 
 def schedule_panels(items, key, ylabel, title, path):
     """One panel per run: a schedule (tfr or beta) on the left axis, the train loss on the right."""
-    plt = plt_module()
     n = len(items)
     cols = 2 if n == 4 else min(n, 3)
-    fig, axes = plt.subplots(math.ceil(n / cols), cols, figsize=(3.6 * cols, 2.8 * math.ceil(n / cols)),
+    fig, axes = figure(math.ceil(n / cols), cols, figsize=(3.6 * cols, 2.8 * math.ceil(n / cols)),
                              squeeze=False)
     for ax, (label, run) in zip(axes.flat, items):
         xs, ys = series(run, key)
@@ -180,8 +178,7 @@ def schedule_panels(items, key, ylabel, title, path):
 
 def compare(items, title, path):
     """Train loss, reconstruction error and val PSNR per epoch of several runs on shared axes."""
-    plt = plt_module()
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4), sharex=True)
+    fig, axes = figure(1, 3, figsize=(12, 3.4), sharex=True)
     for i, (label, run) in enumerate(items):
         for ax, key in zip(axes, ("loss", recon_key(run), "val_psnr")):
             xs, ys = series(run, key)
@@ -225,8 +222,7 @@ def stale_test(run):
 
 
 def psnr_per_frame(runs, path):
-    plt = plt_module()
-    fig, ax = plt.subplots(figsize=(8, 3.8))
+    fig, ax = figure(figsize=(8, 3.8))
     drawn = 0
     for i, run in enumerate(runs):
         row = best_row(run)

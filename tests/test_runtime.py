@@ -91,3 +91,25 @@ def test_cpu_peak_memory_growth_forgets_earlier_sessions():
     kept.clear()
     again = [peak_memory_growth(temporary, cpu) for _ in range(2)]
     assert mib <= first < 2 * mib and all(mib <= g < 2 * mib for g in again), (first, again)
+
+
+def test_imports_and_plots_leave_the_process_as_they_found_it(tmp_path):
+    """Importing the benchmark set KINETO_LOG_LEVEL and put the repository on sys.path (as did
+    error_regions); every PSNR plot switched matplotlib to Agg, so a notebook's figures stopped
+    showing after a Trainer or Tester run in it."""
+    probe = textwrap.dedent(f"""
+        import os, sys
+        import matplotlib
+        matplotlib.use("svg")
+        path, env = list(sys.path), dict(os.environ)
+        from scripts import bench, error_regions, plot_report
+        from modules.visualize import psnr_figure, save_psnr_plot
+        assert sys.path == path and dict(os.environ) == env, "import changed sys.path or the environment"
+        save_psnr_plot({{"val": [20.0, 21.0]}}, {str(tmp_path / "p.png")!r})
+        plot_report.save(plot_report.figure(figsize=(2, 2))[0], {str(tmp_path / "q.png")!r})
+        print(matplotlib.get_backend())
+    """)
+    out = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "svg"
+    assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "q.png").stat().st_size > 0
