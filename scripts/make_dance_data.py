@@ -19,6 +19,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import sys
 import time
 
@@ -617,11 +618,14 @@ def _prepare_out(out, overwrite):
 
 def _check(seed, train_frames, val_frames, test_seqs, test_len, height, width, dancers, window,
            train_videos, unseen_seqs, unseen_dancers, motion, speed, turns, travel, background):
-    checks = [(height >= 16 and width >= 16, "--height and --width must be at least 16"),
-              (seed >= 0, "--seed must be >= 0"),
+    checks = [(16 <= height <= MAX_SIDE and 16 <= width <= MAX_SIDE,
+               f"--height and --width must be in 16 .. {MAX_SIDE}"),
+              # numpy's SeedSequence reads a larger seed as several 32-bit words, and [2**32, a, 0]
+              # is then [0, a, 1]: another seed's dancers, the unseen ones included.
+              (0 <= seed < 2 ** 32, "--seed must be in 0 .. 2**32 - 1"),
               (window >= 1, "--window must be at least 1"),
               (train_frames >= window, f"--train_frames must be at least --window ({window})"),
-              (val_frames >= 1, "--val_frames must be at least 1"),
+              (val_frames >= 2, "--val_frames must be at least 2 (a validation sequence is 2 frames or more)"),
               (test_seqs >= 0 and unseen_seqs >= 0, "--test_seqs/--unseen_seqs must be >= 0"),
               (test_len >= 2, "--test_len must be at least 2 (the Tester predicts frames 1.. "
                               f"from frame 0), got {test_len}"),
@@ -635,6 +639,17 @@ def _check(seed, train_frames, val_frames, test_seqs, test_len, height, width, d
     for ok, msg in checks:
         if not ok:
             _fail(msg)
+
+
+MAX_SIDE = 4096  # beyond it one frame alone is tens of MB, and a dataset would not fit in memory
+
+
+def _worker_init():
+    """A rendering worker leaves Ctrl-C, which reaches the whole process group, to the parent (it
+    stops the pool and prints one line), and ends at once on the SIGTERM the pool stops it with.
+    (dataloader's decoding workers do the same; these never import torch, so not from there.)"""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _seed(seed, *path):
@@ -723,7 +738,7 @@ def make_dataset(out, seed=0, train_frames=20000, val_frames=630, test_seqs=5, t
         pool = None
     else:
         # spawn: the same behaviour on every OS, and safe when the caller has imported torch
-        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)))
+        pool = multiprocessing.get_context("spawn").Pool(min(workers, len(tasks)), initializer=_worker_init)
         results = pool.imap_unordered(_render_chunk, tasks)
     try:
         for done in results:
@@ -836,12 +851,9 @@ def main(argv=None):
     try:
         if args.out and args.test_seqs < 1:  # make_dataset allows none (for tests); a user's dataset needs one
             _fail(f"--test_seqs must be at least 1 (Tester.py generates the test split), got {args.test_seqs}")
-        if args.preview:
-            make_preview(args.preview, seed=args.seed, height=args.height, width=args.width,
-                         dancers=args.dancers, **style)
-            if not args.quiet:
-                print(f"wrote {args.preview} ({os.path.getsize(args.preview) // 1024} KB)")
-        if args.out:
+        if args.workers is not None and args.workers < 1:
+            _fail(f"--workers must be at least 1 (without it: one per core), got {args.workers}")
+        if args.out:  # first: a command that fails writes no preview either
             make_dataset(args.out, seed=args.seed, train_frames=args.train_frames,
                          val_frames=args.val_frames, test_seqs=args.test_seqs,
                          test_len=args.test_len, height=args.height, width=args.width,
@@ -849,6 +861,11 @@ def main(argv=None):
                          overwrite=args.overwrite, train_videos=args.train_videos,
                          window=args.window, unseen_seqs=args.unseen_seqs,
                          unseen_dancers=args.unseen_dancers, **style)
+        if args.preview:
+            make_preview(args.preview, seed=args.seed, height=args.height, width=args.width,
+                         dancers=args.dancers, **style)
+            if not args.quiet:
+                print(f"wrote {args.preview} ({os.path.getsize(args.preview) // 1024} KB)")
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,5 +1,9 @@
 import json
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -7,6 +11,8 @@ from PIL import Image
 
 import dataloader
 from scripts import make_dance_data as mdd
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _png(path):
@@ -215,11 +221,44 @@ def test_interrupted_overwrite_leaves_a_dataset_marked_incomplete(tmp_path, monk
     assert mdd.main(args + ["--overwrite"]) == 0 and mdd.dataset_ready(tmp_path / "o")
 
 
-def test_negative_seed_is_refused(tmp_path, capsys):
-    """numpy's SeedSequence raised a ValueError traceback for --seed -1."""
-    assert mdd.main(["--out", str(tmp_path / "x"), "--seed", "-1", "--quiet"]) == 2
-    assert capsys.readouterr().err == "error: --seed must be >= 0\n"
-    assert not (tmp_path / "x").exists()
+@pytest.mark.parametrize("flags, message", [
+    (["--seed", "-1"], "--seed must be in 0 .. 2**32 - 1"),  # numpy's SeedSequence raised a traceback
+    (["--seed", str(2 ** 32)], "--seed must be in 0 .. 2**32 - 1"),  # another seed's dancers
+    (["--height", "100000"], "--height and --width must be in 16 .. 4096"),  # a MemoryError traceback
+    (["--val_frames", "1"], "--val_frames must be at least 2 (a validation sequence is 2 frames or more)"),
+    (["--workers", "0"], "--workers must be at least 1 (without it: one per core), got 0"),  # ran on all cores
+])
+def test_flags_out_of_range_are_refused_and_write_nothing(tmp_path, capsys, flags, message):
+    argv = ["--out", str(tmp_path / "x"), "--preview", str(tmp_path / "p.png"), "--quiet", *flags]
+    assert mdd.main(argv) == 2
+    assert capsys.readouterr().err == f"error: {message}\n"
+    assert os.listdir(tmp_path) == []  # neither the dataset nor the preview
+
+
+def test_a_refused_dataset_writes_no_preview(tmp_path, capsys):
+    args = ["--out", str(tmp_path / "o"), "--train_frames", "16", "--val_frames", "4", "--test_seqs", "1",
+            "--test_len", "4", "--height", "32", "--width", "64", "--unseen_seqs", "0", "--quiet"]
+    assert mdd.main(args) == 0
+    assert mdd.main(args + ["--preview", str(tmp_path / "p.png")]) == 2  # holds a dataset: no --overwrite
+    assert "already holds a dataset" in capsys.readouterr().err and not (tmp_path / "p.png").exists()
+
+
+def test_ctrl_c_with_worker_processes_is_one_line(tmp_path):
+    """Ctrl-C reaches the whole process group: each rendering worker printed its own traceback
+    before the one line (the in-process test above has no workers)."""
+    out = tmp_path / "o"
+    cmd = [sys.executable, os.path.join(ROOT, "scripts", "make_dance_data.py"), "--out", str(out),
+           "--train_frames", "8000", "--val_frames", "20", "--test_seqs", "1", "--test_len", "20",
+           "--height", "32", "--width", "64", "--unseen_seqs", "0", "--workers", "2", "--quiet"]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 60
+    while not list(out.glob("train/train_img/*.png")) and time.time() < deadline:
+        time.sleep(0.1)  # the workers are rendering
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert err.count("\n") == 1 and err.startswith("error: interrupted;") and "Traceback" not in err, err
 
 
 def test_preview(tmp_path, capsys):
