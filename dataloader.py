@@ -326,13 +326,18 @@ def video_lengths(split_dir, n_frames, img_dir=None):
     return lengths
 
 
+def _first_skip(names):
+    """The index of the first file name whose frame number is not followed by the next one, or None."""
+    numbers = [frame_number(n) for n in names]
+    return next((i for i in range(len(numbers) - 1) if numbers[i + 1] != numbers[i] + 1), None)
+
+
 def _check_test_lengths(label_root, labels, test_len):
     """Every test sequence is generated for test_len frames, one pose each: a skip in a sequence's
     numbering (a lost label) or sequences of different lengths are named as such, where a
     message about one sequence's count would send the user from one --test_len to another."""
     for k, names in labels.items():
-        numbers = [frame_number(n) for n in names]
-        skip = next((i for i in range(len(numbers) - 1) if numbers[i + 1] != numbers[i] + 1), None)
+        skip = _first_skip(names)
         if skip is not None:
             raise DataError(f"{os.path.join(label_root, k)} skips from {names[skip]} to {names[skip + 1]}: a test "
                             "sequence needs the pose of every frame; restore the missing labels")
@@ -385,8 +390,7 @@ class TrainWindows(torch.utils.data.Dataset):
                 # The videos are the runs of consecutive numbers: a skip (a lost frame, frames
                 # numbered in steps) is what cut them short.
                 names = list_frames(img_dir)
-                i = next(i for i in range(len(names) - 1)
-                         if frame_number(names[i + 1]) != frame_number(names[i]) + 1)
+                i = _first_skip(names)
                 fix = (f"the frame numbers skip ({names[i]} then {names[i + 1]}, {len(self.video_lengths) - 1} "
                        f"skip(s)) and no sequence crosses a skip: restore the missing frames, number them "
                        f"consecutively, or give the videos' lengths in {os.path.join(split_dir, MANIFEST)} "
