@@ -1,4 +1,5 @@
 """Training and validation loops, shared by Trainer.py (and torchrun) and the benchmark."""
+import collections
 import math
 import warnings
 
@@ -238,7 +239,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
 
     watch: called on the main process at every log point (every --log_every steps, skipped ones
     included) and after the epoch's last step, with the mean training reconstruction error of the
-    updates since the previous call and the number of steps they span (the Trainer's divergence
+    updates among the last --log_every steps and the number of steps (the Trainer's divergence
     note reads it there, so it needs no epoch to end).
 
     nan_run: non-finite steps in a row at the end of the previous epoch (progress["nan_run"]), so
@@ -279,20 +280,24 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
                desc=f"epoch {epoch + 1}/{args.num_epoch}", dynamic_ncols=True, leave=False)
     train_model.train()
     step = start
-    # The same sums since the last log point, kept apart: differences of the running sums lose
-    # the small errors that follow a spike (float32; a window of 0 was then the lowest).
-    window = torch.zeros_like(sums)
-    watched = start  # the first step of the window
+    # The sums of the last --log_every steps (None for a skipped one), kept apart: differences of
+    # the running sums lose the small errors that follow a spike (float32; a window of 0 was then
+    # the lowest).
+    recent = collections.deque(maxlen=args.log_every)
+    watched = start  # the step after the previous call of watch
 
     def watch_window(upto):
-        """Hand `watch` the mean training error of the window's steps up to step `upto` (exclusive),
-        and their number, unless every one of them was skipped; start the next window there."""
+        """Hand `watch` the mean training error of the last --log_every steps up to step `upto`
+        (exclusive; fewer only when the epoch has run fewer since its start or resume), and their
+        number, unless every one was skipped. At a log point they are the steps since the previous
+        one; after an epoch's last log point they reach back into its window, so that a few steps
+        are not judged alone against a mean of many."""
         nonlocal watched
-        since = window.tolist()
-        window.zero_()
-        n, watched = upto - watched, upto
-        if watch is not None and since[3] > 0:
-            watch(since[1] / since[3], n)
+        watched = upto
+        taken = [c for c in recent if c is not None]
+        if watch is not None and taken:
+            since = torch.stack(taken).sum(0).tolist()
+            watch(since[1] / since[3], len(recent))
 
     for step in range(steps_per_epoch):
         tf = coins.draw(T - 1)  # drawn for skipped steps too, so the stream stays aligned
@@ -338,6 +343,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
             # TrainingDiverged alone would leave the others waiting in the next collective).
             flags = all_reduce(flags.float()) > 0
         bad, spike = flags.tolist()
+        contrib = None  # the step's sums, for an update taken
         if spike and not bad and guard.skips(kind):
             spikes += 1
             if is_main:
@@ -365,7 +371,7 @@ def train_one_epoch(train_model, optimizer, batches, epoch, args, speed, params,
             contrib = torch.stack([loss.detach().float() * b, out["recon"].detach().float() * b,
                                    out["kl"].detach().float() * b, torch.full((), b, device=speed.device)])
             sums += contrib
-            window += contrib
+        recent.append(contrib)
         bar.update(1)
         if is_main and (step + 1) % args.log_every == 0:  # skipped steps count: the points stay regular
             watch_window(step + 1)

@@ -368,8 +368,25 @@ def test_a_loss_spike_after_the_last_log_point_of_an_epoch_is_told(dr, tmp_path,
                          "--save_root", run]) == 0  # 6 steps; steps 5 and 6 spike
     out = capsys.readouterr().out
     notes = [l for l in out.splitlines() if l.startswith("note: the ")]
-    assert len(notes) == 1 and notes[0].startswith("note: the last 2 steps' training mse is"), out
+    # Judged over the last 4 steps (5 and 6 with the 2 before them), as a log window would be.
+    assert len(notes) == 1 and notes[0].startswith("note: the last 4 steps' training mse is"), out
     assert out.index(notes[0]) < out.index("epoch 1/1 |")
+
+
+def test_one_hard_step_after_the_last_log_point_is_not_a_divergence(dr, tmp_path, monkeypatch, capsys):
+    """The steps after an epoch's last log point were judged alone: one hard step (300x, as a
+    rough batch can be) there made a 1-step window 100x the lowest mean of 11 and a false
+    'training diverged'. It reaches back into the window before it now."""
+    forward, calls = VAE_Model.forward, []
+
+    def one_hard_step(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        calls.append(1)
+        return dict(out, recon=out["recon"] * 300) if len(calls) == 12 else out
+    monkeypatch.setattr(VAE_Model, "forward", one_hard_step)
+    assert Trainer.main(["--DR", dr, *SHORT, "--partial", "1", "--num_epoch", "1", "--log_every", "11",
+                         "--skip_spikes", "0", "--save_root", str(tmp_path / "run")]) == 0  # 12 steps
+    assert "training diverged" not in capsys.readouterr().out
 
 
 def test_small_errors_after_a_spike_are_measured_exactly(dr, tmp_path, monkeypatch, capsys):
