@@ -123,6 +123,13 @@ def continues_its_folder(args):
                                      == os.path.realpath(args.save_root))
 
 
+def restart_command(args):
+    """The command that starts this run again from its --ckpt_path, into the same folder."""
+    same = os.path.realpath(os.path.dirname(os.path.abspath(args.ckpt_path))) == os.path.realpath(args.save_root or "")
+    return f"python Trainer.py --ckpt_path {args.ckpt_path}" + ("" if same or not args.save_root
+                                                                 else f" --save_root {args.save_root}")
+
+
 def best_on_disk(path):
     """The validation PSNR of the model in best.ckpt at `path`, or -inf when there is none to read."""
     if not os.path.isfile(path):
@@ -153,6 +160,12 @@ def plan_save_root(args):
             args.save_root = new_run_folder()
     elif args.save_root is None:
         args.save_root = new_run_folder()
+    elif (args.ckpt_path and not args.test and continues_its_folder(args)
+          and PREVIOUS_RUN.fullmatch(os.path.basename(args.ckpt_path))
+          and load_checkpoint(args.ckpt_path).get("format") != FORMAT):
+        raise ConfigError(f"--ckpt_path {args.ckpt_path} holds weights only (lab code's) and this run would write "
+                          f"its own {os.path.basename(args.ckpt_path)} over it in --save_root {args.save_root}: "
+                          "choose another --save_root, or leave it out for a new runs/<time>")
     elif (not args.test and not args.overwrite and glob.glob(os.path.join(args.save_root, "*.ckpt"))
           and not continues_its_folder(args)):
         # Only a checkpoint's own folder is continued without asking.
@@ -552,7 +565,7 @@ def _train(args, d, stop, claimed):
         except TrainingDiverged as e:
             if started_from is not None:
                 kept = (f"this run started from {started_from}, which is intact: start from it again with a lower "
-                        f"--lr (python Trainer.py --ckpt_path {started_from} --lr ...)")
+                        f"--lr ({restart_command(args)} --lr ...)")
             elif os.path.isfile(last):
                 kept = (f"the last good checkpoint, {last}, is intact: resume it with a lower --lr "
                         f"(python Trainer.py --resume {args.save_root} --lr ...)")
@@ -606,7 +619,7 @@ def _train(args, d, stop, claimed):
                 trim_metrics(metrics_path, epoch)
                 from torch.utils.tensorboard import SummaryWriter
                 # Events of later epochs than this one are hidden from TensorBoard's curves.
-                writer = SummaryWriter(args.save_root, purge_step=epoch + 1 if epoch else None)
+                writer = SummaryWriter(args.save_root, purge_step=epoch + 1)
                 trimmed = True
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -690,8 +703,7 @@ def interrupted_advice(args, started):
     if args.resume or (args.save_root and os.path.isfile(last) and os.path.getmtime(last) >= started):
         return f"resume from the last checkpoint with: python Trainer.py --resume {args.resume or args.save_root}"
     if args.ckpt_path:
-        return (f"no checkpoint was written; this run started from {args.ckpt_path}, which is intact: "
-                f"python Trainer.py --ckpt_path {args.ckpt_path}")
+        return f"no checkpoint was written; this run started from {args.ckpt_path}, which is intact: {restart_command(args)}"
     return "no checkpoint was written"
 
 

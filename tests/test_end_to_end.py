@@ -196,6 +196,12 @@ def test_a_lab_checkpoint_is_named_with_its_models_values_and_never_written_over
     assert Trainer.main(["--DR", str(dr), "--device", "cpu", "--ckpt_path", str(lab), "--num_epoch", "1",
                          "--val_vi_len", "20", "--train_vi_len", "4", "--partial", "0.1"]) == 0  # dims from its weights
     assert hashlib.sha1(lab.read_bytes()).hexdigest() == digest and os.listdir(lab.parent) == ["best.ckpt"]
+    # Nor with its own folder as --save_root: refused, as the run would write its best.ckpt there.
+    assert Trainer.main(["--DR", str(dr), "--device", "cpu", "--ckpt_path", str(lab), "--num_epoch", "1",
+                         "--save_root", str(lab.parent)]) == 2
+    assert "holds weights only (lab code's) and this run would write its own best.ckpt over it" \
+        in capsys.readouterr().err
+    assert hashlib.sha1(lab.read_bytes()).hexdigest() == digest and os.listdir(lab.parent) == ["best.ckpt"]
     (new,) = os.listdir(tmp_path / "runs")
     assert (tmp_path / "runs" / new / "best.ckpt").is_file()
     capsys.readouterr()

@@ -679,6 +679,24 @@ def test_tensorboard_keeps_every_epoch_through_a_stop_anywhere(baseline, tmp_pat
     assert [r["epoch"] for r in rows(run)] == [1, 2, 3]
 
 
+def test_a_first_epoch_stopped_before_its_checkpoint_is_logged_once(dr, tmp_path, monkeypatch):
+    """Epoch 1's events are written before its checkpoint; a stop in between and the same command
+    again gave TensorBoard two points at epoch 1 (nothing was hidden for a run starting at 0)."""
+    real = Trainer.save_checkpoint
+
+    def stopped(path, state):
+        if os.path.basename(path) == "last.ckpt" and state["epoch"] == 1:
+            raise KeyboardInterrupt
+        real(path, state)
+    run = str(tmp_path / "run")
+    argv = ["--DR", dr, *SHORT, "--num_epoch", "2", "--val_every", "2", "--save_root", run]
+    monkeypatch.setattr(Trainer, "save_checkpoint", stopped)
+    assert Trainer.main(argv) == 130
+    monkeypatch.setattr(Trainer, "save_checkpoint", real)
+    assert Trainer.main(argv) == 0
+    assert events(run) == [1, 2] and [r["epoch"] for r in rows(run)] == [1, 2]
+
+
 def test_out_of_memory_in_validation_keeps_the_epoch(dr, tmp_path, monkeypatch, capsys):
     """Validation that runs out of memory: the trained epoch is saved (its row without val_psnr),
     and one line names the resume command with a shorter validation."""
@@ -1154,6 +1172,12 @@ def test_a_second_ctrl_c_points_to_the_checkpoint_this_run_can_go_on_from(baseli
     monkeypatch.setattr(Trainer, "validate", interrupted)
     assert Trainer.main(["--ckpt_path", os.path.join(run, "best.ckpt"), "--test"]) == 130
     assert error_line(capsys.readouterr().err) == "error: interrupted; nothing was written"
+    # Into another folder: the command given goes on there, not in the checkpoint's folder.
+    monkeypatch.setattr(Trainer, "train_one_epoch", interrupted)
+    other = str(tmp_path / "other")
+    assert Trainer.main(["--ckpt_path", start, "--num_epoch", "4", "--save_root", other]) == 130
+    assert error_line(capsys.readouterr().err).endswith(f"which is intact: python Trainer.py --ckpt_path {start} "
+                                                        f"--save_root {other}")
 
 
 @pytest.mark.parametrize("script", ["Trainer.py", "Tester.py"])
