@@ -125,9 +125,8 @@ def continues_its_folder(args):
 
 def restart_command(args):
     """The command that starts this run again from its --ckpt_path, into the same folder."""
-    same = os.path.realpath(os.path.dirname(os.path.abspath(args.ckpt_path))) == os.path.realpath(args.save_root or "")
-    return f"python Trainer.py --ckpt_path {args.ckpt_path}" + ("" if same or not args.save_root
-                                                                 else f" --save_root {args.save_root}")
+    there = "" if not args.save_root or continues_its_folder(args) else f" --save_root {args.save_root}"
+    return f"python Trainer.py --ckpt_path {args.ckpt_path}{there}"
 
 
 def best_on_disk(path):
@@ -278,7 +277,8 @@ def adopt_run_args(args, argv):
         # Weights only: lab code's model (VAE_Model), or this project's re-saved. The model is what
         # the weights say (dims, layers) and imply (lab_activation, condition, residual); the other
         # flags are this run's.
-        stored = {k: v for k, v in model_args(ckpt, path).items() if v is not None and k not in ("frame_H", "frame_W")}
+        stored = {k: v for k, v in model_args(ckpt, path).items()
+                  if v is not None and k not in ("frame_H", "frame_W")}
     given = given_flags(trainer_parser, argv)
     for k, v in stored.items():
         if hasattr(args, k) and k not in given and k not in NOT_ADOPTED:
@@ -703,7 +703,8 @@ def interrupted_advice(args, started):
     if args.resume or (args.save_root and os.path.isfile(last) and os.path.getmtime(last) >= started):
         return f"resume from the last checkpoint with: python Trainer.py --resume {args.resume or args.save_root}"
     if args.ckpt_path:
-        return f"no checkpoint was written; this run started from {args.ckpt_path}, which is intact: {restart_command(args)}"
+        return (f"no checkpoint was written; this run started from {args.ckpt_path}, which is intact: "
+                f"{restart_command(args)}")
     return "no checkpoint was written"
 
 
