@@ -159,12 +159,12 @@ def plan_save_root(args):
             args.save_root = new_run_folder()
     elif args.save_root is None:
         args.save_root = new_run_folder()
-    elif (args.ckpt_path and not args.test and continues_its_folder(args)
+    elif (args.ckpt_path and not args.test and not args.overwrite and continues_its_folder(args)
           and PREVIOUS_RUN.fullmatch(os.path.basename(args.ckpt_path))
           and load_checkpoint(args.ckpt_path).get("format") != FORMAT):
         raise ConfigError(f"--ckpt_path {args.ckpt_path} holds weights only (lab code's) and this run would write "
                           f"its own {os.path.basename(args.ckpt_path)} over it in --save_root {args.save_root}: "
-                          "choose another --save_root, or leave it out for a new runs/<time>")
+                          "choose another --save_root, leave it out for a new runs/<time>, or pass --overwrite")
     elif (not args.test and not args.overwrite and glob.glob(os.path.join(args.save_root, "*.ckpt"))
           and not continues_its_folder(args)):
         # Only a checkpoint's own folder is continued without asking.

@@ -23,8 +23,13 @@ import signal
 import sys
 import time
 
-import numpy as np
-from PIL import Image, ImageDraw
+if __name__ == "__mp_main__":
+    # A rendering worker (spawned: it imports this file as __mp_main__ first): Ctrl-C is the
+    # parent's to handle, from before the imports below, which are most of a worker's start-up.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+import numpy as np  # noqa: E402
+from PIL import Image, ImageDraw  # noqa: E402
 
 SS = 2  # supersampling factor: render at SS x the native size, then box-downsample
 FLOOR = 0.92  # feet touch the floor at this fraction of the frame height
@@ -647,7 +652,8 @@ MAX_SIDE = 4096  # beyond it one frame alone is tens of MB, and a dataset would 
 def _worker_init():
     """A rendering worker leaves Ctrl-C, which reaches the whole process group, to the parent (it
     stops the pool and prints one line), and ends at once on the SIGTERM the pool stops it with.
-    (dataloader's decoding workers do the same; these never import torch, so not from there.)"""
+    (dataloader's decoding workers do the same; these never import torch, so not from there.)
+    Also set here for a worker that imports this module by name rather than as __mp_main__."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
@@ -839,7 +845,11 @@ def get_args_parser():
 
 
 def main(argv=None):
-    from dataloader import DataError
+    try:
+        from dataloader import DataError  # it loads torch: a second or more
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing written", file=sys.stderr)
+        return 130
     parser = get_args_parser()
     args = parser.parse_args(argv)
     if not args.out and not args.preview:

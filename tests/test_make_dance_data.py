@@ -254,7 +254,8 @@ def test_ctrl_c_with_worker_processes_is_one_line(tmp_path):
                             env=dict(os.environ, OMP_NUM_THREADS="1"))
     deadline = time.time() + 60
     while not list(out.glob("train/train_img/*.png")) and time.time() < deadline:
-        time.sleep(0.1)  # the workers are rendering
+        time.sleep(0.1)  # a worker is rendering
+    time.sleep(0.5)  # and the other one too, or importing its modules
     os.killpg(proc.pid, signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
