@@ -490,8 +490,8 @@ def _train(args, d, stop, claimed):
             where = f"epoch {start_epoch + 1}" + (f", step {progress['step']}" if progress else "")
             print(f"Resuming {args.ckpt_path} at {where}", flush=True)
     elif ckpt is not None and d.is_main:
-        why = ("a checkpoint of the lab's code: its optimizer state and epoch are not continued"
-               if args.lab_activation else "weights only: no optimizer state or epoch in it")
+        why = ("a checkpoint of the lab's code: its optimizer state, epoch, lr and tfr are not continued; "
+               "this run's flags set them" if args.lab_activation else "weights only: no optimizer state or epoch in it")
         print(f"Starting from the weights in {args.ckpt_path} ({why})", flush=True)
 
     train_model = model

@@ -195,6 +195,8 @@ def test_a_lab_checkpoint_is_named_with_its_models_values_and_never_written_over
     monkeypatch.chdir(tmp_path)
     assert Trainer.main(["--DR", str(dr), "--device", "cpu", "--ckpt_path", str(lab), "--num_epoch", "1",
                          "--val_vi_len", "20", "--train_vi_len", "4", "--partial", "0.1"]) == 0  # dims from its weights
+    assert "its optimizer state, epoch, lr and tfr are not continued; this run's flags set them" \
+        in capsys.readouterr().out
     assert hashlib.sha1(lab.read_bytes()).hexdigest() == digest and os.listdir(lab.parent) == ["best.ckpt"]
     # Nor with its own folder as --save_root: refused, as the run would write its best.ckpt there.
     assert Trainer.main(["--DR", str(dr), "--device", "cpu", "--ckpt_path", str(lab), "--num_epoch", "1",
