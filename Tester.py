@@ -17,6 +17,9 @@ import time
 QUIET_IMPORT = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 if QUIET_IMPORT:
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+if __name__ == "__main__":
+    from modules.environment import require
+    require("Tester.py", ("torch", "numpy", "tqdm", "PIL", "matplotlib"))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402

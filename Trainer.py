@@ -21,6 +21,9 @@ import time
 QUIET_IMPORT = __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 if QUIET_IMPORT:
     signal.signal(signal.SIGINT, lambda signum, frame: sys.exit(130))
+if __name__ == "__main__":
+    from modules.environment import require
+    require("Trainer.py")
 
 import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402

@@ -29,6 +29,8 @@ if __name__ == "__main__":  # run as a file (imported, it changes nothing)
     os.environ.setdefault("KINETO_LOG_LEVEL", "5")
     # Python puts scripts/ on the path; modules/ is at the root.
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from modules.environment import require
+    require("scripts/bench.py", ("torch", "numpy", "tqdm", "PIL"))
 import torch  # noqa: E402
 
 from modules.model import build_model  # noqa: E402

@@ -20,11 +20,13 @@ import json
 import os
 import sys
 
-import numpy as np
-import torch
-
 if __name__ == "__main__":  # run as a file, Python puts scripts/ on the path; modules/ is at the root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from modules.environment import require
+    require("scripts/error_regions.py", ("torch", "numpy", "tqdm", "PIL", "matplotlib"))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from dataloader import RESAMPLE, DataError, TestSequences  # noqa: E402
 from modules.checkpoint import CheckpointError  # noqa: E402

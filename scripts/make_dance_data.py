@@ -27,6 +27,10 @@ if __name__ == "__mp_main__":
     # A rendering worker (spawned: it imports this file as __mp_main__ first): Ctrl-C is the
     # parent's to handle, from before the imports below, which are most of a worker's start-up.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+if __name__ == "__main__":  # run as a file, Python puts scripts/ on the path; the repo root holds dataloader.py
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from modules.environment import require
+    require("scripts/make_dance_data.py", ("numpy", "PIL", "tqdm", "torch"))
 
 import numpy as np  # noqa: E402
 from PIL import Image, ImageDraw  # noqa: E402
@@ -893,6 +897,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    # run as a file, Python puts scripts/ on the path; the repo root holds dataloader.py
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     sys.exit(main())

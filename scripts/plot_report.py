@@ -20,7 +20,12 @@ import os
 import re
 import sys
 
-import numpy as np
+if __name__ == "__main__":  # run as a file, Python puts scripts/ on the path; modules/ is at the root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from modules.environment import require
+    require("scripts/plot_report.py", ("numpy", "matplotlib"))
+
+import numpy as np  # noqa: E402
 
 
 def load_run(path):

@@ -433,4 +433,6 @@ def main(argv=None):
 
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)  # run as a file, Python puts scripts/ on the path; modules/ is at the root
+    from modules.environment import require
+    require("scripts/run_experiments.py")  # what the runs it starts (Trainer.py, Tester.py) need
     sys.exit(main())

@@ -492,3 +492,50 @@ def test_tester_dataset_problem(trained, tmp_path, capsys, how, extra, message):
     line = error_of(Tester.main, argv, capsys)
     assert message.format(dr=dr) in line
     assert not (tmp_path / "out").exists()  # the folders it made are removed again (were left empty)
+
+
+# Runs a script as `python SCRIPT` would, with the named packages hidden from imports and from
+# importlib.util.find_spec (the path finder answers None for them, as for a package not installed).
+HIDDEN_RUN = """
+import os, runpy, sys
+from importlib.machinery import PathFinder
+hidden = set(sys.argv[1].split(","))
+class Without(PathFinder):
+    @classmethod
+    def find_spec(cls, name, path=None, target=None):
+        return None if name.split(".")[0] in hidden else PathFinder.find_spec(name, path, target)
+sys.meta_path[sys.meta_path.index(PathFinder)] = Without
+sys.argv = sys.argv[2:]
+sys.path[0] = os.path.dirname(sys.argv[0])  # as `python SCRIPT` sets it
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script, hidden, named", [
+    ("Trainer.py", "tensorboard", "tensorboard"),  # was: a traceback after the first epoch, which was lost
+    ("Tester.py", "matplotlib", "matplotlib"),
+    ("scripts/make_dance_data.py", "PIL,torch", "Pillow, torch"),
+    ("scripts/plot_report.py", "matplotlib", "matplotlib"),
+    ("scripts/bench.py", "torch", "torch"),
+])
+def test_a_python_without_the_packages_is_told_so_before_anything_runs(tiny_dance, tmp_path, script, hidden, named):
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    args = {"Trainer.py": ["--DR", str(tiny_dance), "--save_root", str(tmp_path / "run"), *TINY],
+            "Tester.py": ["--ckpt_path", str(tmp_path / "none.ckpt")],
+            "scripts/make_dance_data.py": ["--out", str(tmp_path / "DR")],
+            "scripts/plot_report.py": [str(tmp_path)],
+            "scripts/bench.py": []}[script]
+    proc = subprocess.run([sys.executable, "-c", HIDDEN_RUN, hidden, os.path.join(root, script), *args],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr
+    assert proc.stderr == (f"error: {script} needs {named}, which this Python ({sys.executable}) does not have: "
+                           "run it in the project's environment (`source scripts/setup_env.sh` makes .venv and "
+                           "enters it), or `pip install -r requirements.txt`\n")
+    assert os.listdir(tmp_path) == []  # nothing written
+    # The packages that are there take the script past the check (the hidden-package mechanism
+    # itself hides nothing else).
+    if script == "scripts/plot_report.py":
+        ok = subprocess.run([sys.executable, "-c", HIDDEN_RUN, "no_such_package", os.path.join(root, script),
+                             "--help"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert ok.returncode == 0 and "usage:" in ok.stdout, ok.stderr
