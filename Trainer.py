@@ -153,6 +153,12 @@ def plan_save_root(args):
             raise ConfigError(f"--resume {args.resume}: no such folder")
         args.save_root = args.resume
         args.ckpt_path = find_resume_checkpoint(args.resume)
+        if load_checkpoint(args.ckpt_path).get("format") != FORMAT:
+            # Weights only: nothing of a run to continue, and continuing in its folder would write
+            # the run's own checkpoints over the file.
+            raise ConfigError(f"--resume {args.resume}: {args.ckpt_path} holds weights only (lab code's), not a "
+                              f"run of Trainer.py to continue; start from its weights with --ckpt_path "
+                              f"{args.ckpt_path} (in a new runs/<time> folder)")
     elif args.ckpt_path and args.save_root is None:
         # A checkpoint of this project continues its run folder; weights only (lab code's) start a
         # run folder of their own, so that the run's best.ckpt and last.ckpt cannot replace the file.

@@ -204,6 +204,11 @@ def test_a_lab_checkpoint_is_named_with_its_models_values_and_never_written_over
     assert "holds weights only (lab code's) and this run would write its own best.ckpt over it" \
         in capsys.readouterr().err
     assert hashlib.sha1(lab.read_bytes()).hexdigest() == digest and os.listdir(lab.parent) == ["best.ckpt"]
+    # Nor --resume of its folder (it was continued there, and best.ckpt replaced).
+    assert Trainer.main(["--DR", str(dr), "--device", "cpu", "--resume", str(lab.parent), "--num_epoch", "1"]) == 2
+    assert (f"holds weights only (lab code's), not a run of Trainer.py to continue; start from its weights with "
+            f"--ckpt_path {lab}") in capsys.readouterr().err
+    assert hashlib.sha1(lab.read_bytes()).hexdigest() == digest and os.listdir(lab.parent) == ["best.ckpt"]
     (new,) = os.listdir(tmp_path / "runs")
     assert (tmp_path / "runs" / new / "best.ckpt").is_file()
     capsys.readouterr()
