@@ -51,6 +51,13 @@ def write_output(path, write, written):
     written.append(path)
 
 
+def as_submitted(frames):
+    """Frames as submission.csv and the GIFs hold them, round(x * 255) / 255: the Tester scores
+    these, so its PSNR is the submission's. Rounding adds about (1/255)^2 / 12 to a frame's MSE:
+    0.006 dB off the PSNR at 30 dB, 0.035 dB at 38 dB."""
+    return frames.float().clamp(0, 1).mul(255).round().div(255)
+
+
 def write_submission(path, videos, written):
     """The course's Kaggle format: a header `id,0,...,6143`, then one row per frame (sequences in
     order, row 0 of each the given first frame): id, then round(x * 255) of the (3, H, W) frame
@@ -137,7 +144,7 @@ def run(args, written=None, given=()):
                               f"{speed.device}: use a smaller --batch_size (now {args.batch_size}). "
                               f"({first_line(e)})") from None
         for j, job in enumerate(batch):
-            preds[job] = out[j].cpu()
+            preds[job] = as_submitted(out[j].cpu())
     if speed.device.type == "cuda":
         torch.cuda.synchronize()
     gen_s = time.time() - t0

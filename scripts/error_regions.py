@@ -11,8 +11,8 @@ PSNR (dB, frames 1..L-1, as the Tester):
 - copy-first, the first frame for every frame;
 - two ceilings, exact everywhere but the revealed wall: "ghost" leaves the first frame's dancer
   there, "inpainted" fills it row by row, linearly between the visible wall on either side;
-- with --ckpt_path, the model's rollout (z sampled, --seed as the Tester) and the share of its
-  squared error in each region;
+- with --ckpt_path, the model's rollout (z sampled, --seed as the Tester, rounded to 8 bits as
+  submitted) and the share of its squared error in each region;
 - the drift of each (the Tester's: mean PSNR of the first 100 frames and of the last 100).
 """
 import argparse
@@ -109,7 +109,7 @@ def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
                         f"{MARKER} describes (added by hand?); the analysis renders each sequence again")
     preds = None
     if ckpt_path:
-        from Tester import load_model
+        from Tester import as_submitted, load_model
         from modules.options import check_tester, tester_parser
         from modules.runtime import prepare_model, resolve_speed, rollout, to_float
         targs = check_tester(tester_parser().parse_args(  # the Tester's settings
@@ -120,7 +120,7 @@ def analyse(root, ckpt_path=None, test_len=None, device=None, seed=0):
         eps = model.sample_noise(len(seqs), L, H, W, generator=torch.Generator().manual_seed(seed))
         first = torch.stack([s["first"] for s in seqs])
         labels = torch.stack([s["labels"] for s in seqs])
-        out = rollout(model, to_float(first, speed), to_float(labels, speed), eps.to(speed.device), speed)
+        out = as_submitted(rollout(model, to_float(first, speed), to_float(labels, speed), eps.to(speed.device), speed))
         preds = out.permute(0, 1, 3, 4, 2).cpu().numpy()
     rows, curves = [], {}
     for k, seq in enumerate(seqs):

@@ -75,6 +75,14 @@ def test_tester_submission_gifs_and_reproducibility(run, tmp_path, capsys):
             assert strip.format == "PNG" and strip.size == (70 + 8 * (128 + 2), 14 + 3 * (64 + 2))
     res = json.loads((outs[0] / "results.json").read_text())
     assert len(res["sequences"]) == 2 and res["copy_first_psnr"] > 0 and "psnr" in res
+    # The scores are those of the frames as submitted: PSNR per frame of the CSV's values against
+    # the truth, frames 1..19, averaged (per sequence, then over sequences).
+    from modules.metrics import psnr
+    for k in range(2):
+        sub = torch.tensor([[int(v) for v in r[1:]] for r in rows[1 + 20 * k:1 + 20 * (k + 1)]])
+        sub = sub.view(20, 3, 32, 64).float() / 255
+        gt = seqs[k]["gt"].float() / 255
+        assert res["sequences"][k]["psnr"] == pytest.approx(psnr(sub[1:], gt[1:]).mean().item(), abs=1e-5)
     assert "copy-first" in capsys.readouterr().out
     # Drift: means over the first and last 9 predicted frames of the averaged per-frame curve.
     curve = np.mean([r["psnr_per_frame"] for r in res["sequences"]], 0)
