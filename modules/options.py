@@ -7,6 +7,14 @@ import os
 import re
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, as every other bad input's: argparse prints the
+    whole usage above its message (over 30 lines for Trainer.py), which hides the message."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (--help lists the flags)\n")
+
+
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help with each flag's default, but none for a default of None: there the flag's help says
     what happens without it ("(default: None)" beside "default: cuda when present")."""
@@ -129,7 +137,7 @@ def check_warp_loss(args):
 
 
 def trainer_parser():
-    p = reads_negative_numbers(argparse.ArgumentParser(description="Train the pose-conditioned video VAE.",
+    p = reads_negative_numbers(Parser(description="Train the pose-conditioned video VAE.",
                                                        parents=[common_parser()],
                                                        formatter_class=HelpFormatter))
     g = p.add_argument_group("training")
@@ -215,7 +223,7 @@ def trainer_parser():
 
 
 def tester_parser():
-    p = reads_negative_numbers(argparse.ArgumentParser(description="Generate the test sequences, GIFs and "
+    p = reads_negative_numbers(Parser(description="Generate the test sequences, GIFs and "
                                                        "submission.csv.", parents=[common_parser()],
                                                        formatter_class=HelpFormatter))
     p.add_argument("--ckpt_path", type=str, required=True, help="checkpoint written by Trainer.py (or lab code)")

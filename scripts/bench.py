@@ -14,7 +14,6 @@ memory is the peak of one forward + backward pass above what was allocated befor
 sample-frame (CUDA: the allocator's statistics; CPU: the profiler's allocation record).
 With --rounds N both paths are measured N times, alternating, and each figure is the median.
 """
-import argparse
 import copy
 import json
 import os
@@ -35,14 +34,14 @@ import torch  # noqa: E402
 
 from modules.model import build_model  # noqa: E402
 from modules.engine import WindowBatches, first_line, is_out_of_memory  # noqa: E402
-from modules.options import (ConfigError, HelpFormatter, add_warp_loss, check_common, check_model, check_warp_loss,  # noqa: E402
+from modules.options import (ConfigError, HelpFormatter, Parser, add_warp_loss, check_common, check_model, check_warp_loss,  # noqa: E402
                              common_parser, hide_from_help, reads_negative_numbers)
 from modules.runtime import (Speed, keep_freed_memory, peak_memory_growth, prepare_model, resolve_speed,  # noqa: E402
                             rollout, to_float)
 
 
 def get_parser():
-    p = reads_negative_numbers(argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+    p = reads_negative_numbers(Parser(description=__doc__.split("\n\n")[0],
                                                        parents=[common_parser()],
                                                        formatter_class=HelpFormatter))
     # Random data: the data flags are accepted (Trainer command lines pass them) but unused.

@@ -15,7 +15,6 @@ PSNR (dB, frames 1..L-1, as the Tester):
   submitted) and the share of its squared error in each region;
 - the drift of each (the Tester's: mean PSNR of the first 100 frames and of the last 100).
 """
-import argparse
 import json
 import os
 import sys
@@ -30,7 +29,7 @@ import torch  # noqa: E402
 
 from dataloader import RESAMPLE, DataError, TestSequences  # noqa: E402
 from modules.checkpoint import CheckpointError  # noqa: E402
-from modules.options import ConfigError, HelpFormatter  # noqa: E402
+from modules.options import ConfigError, HelpFormatter, Parser  # noqa: E402
 from modules.metrics import drift, psnr  # noqa: E402
 from scripts.make_dance_data import MARKER, Video, plan  # noqa: E402
 
@@ -38,8 +37,7 @@ REGIONS = ("dancer", "revealed", "rest")
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter)
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("--DR", default="data/dance", help="a dataset written by scripts/make_dance_data.py")
     p.add_argument("--ckpt_path", default=None, help="also split this checkpoint's error")
     p.add_argument("--test_len", type=int, default=None,

@@ -13,7 +13,6 @@ Everything is a pure function of (flags, seed, video, frame index), so the files
 whatever the number of workers. This module imports neither torch nor dataloader at import time:
 worker processes start fast.
 """
-import argparse
 import colorsys
 import math
 import multiprocessing
@@ -809,8 +808,8 @@ def make_preview(path, seed=0, height=128, width=256, frames=8, stride=8, dancer
 
 
 def get_args_parser():
-    from modules.options import HelpFormatter  # here, not at import, as write_json below
-    p = argparse.ArgumentParser(
+    from modules.options import HelpFormatter, Parser  # here, not at import, as write_json below
+    p = Parser(
         description="Write the procedural dance dataset in the lab's layout (docs/DATA.md).",
         formatter_class=HelpFormatter)
     p.add_argument("--out", help="dataset root to write (the lab's DR)")

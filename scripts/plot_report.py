@@ -13,7 +13,6 @@ it, runs are grouped by their settings). Folders without metrics.jsonl are skipp
   results.md           best val PSNR and test metrics of each run (a test of a checkpoint the run has
                        since replaced is marked stale)
 """
-import argparse
 import json
 import math
 import os
@@ -306,7 +305,8 @@ def make_report(run_dirs, out):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Write the lab report's figures and results table from run folders.")
+    from modules.options import Parser  # imported when used: the module loads without the repo on sys.path
+    p = Parser(description="Write the lab report's figures and results table from run folders.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="save_root folders of Trainer.py runs")
     p.add_argument("--out", default="report", help="folder for the PNGs and results.md")
     return p

@@ -339,10 +339,9 @@ def _interrupt(signum, frame):
 
 
 def get_parser():
-    from modules.options import HelpFormatter  # imported when used, as write_json's writer
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=HelpFormatter,
-                                usage="%(prog)s [options] [-- TRAINER_FLAGS ...]")
+    from modules.options import HelpFormatter, Parser  # imported when used, as write_json's writer
+    p = Parser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter,
+               usage="%(prog)s [options] [-- TRAINER_FLAGS ...]")
     p.add_argument("--grid", choices=sorted(GRIDS), default="report", help="which runs")
     p.add_argument("--only", nargs="+", metavar="NAME", help="run only these runs of the grid")
     p.add_argument("--out", default="runs/experiments", help="one save_root per run is made here")

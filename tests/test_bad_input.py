@@ -154,11 +154,22 @@ def test_cuda_asked_for_without_a_gpu(trained, tmp_path, monkeypatch, capsys, ma
     assert "--device cuda was asked for but no CUDA GPU is available; use --device cpu" in line
 
 
-def test_malformed_flag_value_is_argparse_usage_error(capsys):
+@pytest.mark.parametrize("argv, line", [
+    (["--num_epoch", "three"], "argument --num_epoch: invalid int value: 'three'"),
+    (["--kl_anneal_type", "cyclical"], "argument --kl_anneal_type: invalid choice: 'cyclical' (choose from "
+                                       "'Cyclical', 'Monotonic', 'Full_KL', 'None')"),
+    (["--ckpt_path"], "argument --ckpt_path: expected one argument"),
+])
+def test_a_malformed_flag_is_one_line_too(capsys, argv, line):
+    """argparse printed its whole usage (over 30 lines) above the message."""
     with pytest.raises(SystemExit) as exit_:
-        Trainer.main(["--num_epoch", "three"])
+        Trainer.main(argv)
     assert exit_.value.code == 2
-    assert "argument --num_epoch: invalid int value: 'three'" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"error: {line} (--help lists the flags)\n"
+    with pytest.raises(SystemExit) as exit_:
+        Tester.main([])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: --ckpt_path (--help lists the flags)\n"
 
 
 # ----------------------------------------------------------------------------- checkpoints
