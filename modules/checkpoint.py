@@ -49,6 +49,21 @@ def save_checkpoint(path, state):
                               "--save_root (earlier checkpoints are untouched)") from None
 
 
+# What DataParallel and DistributedDataParallel ("module.") and torch.compile ("_orig_mod.") put
+# before every name of the model they wrap: lab code that wraps its model saves them.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def unwrapped(sd):
+    """A state_dict without the prefixes a wrapped model's carries (only where every key has it)."""
+    while sd:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(isinstance(k, str) and k.startswith(p) for k in sd)), None)
+        if prefix is None:
+            return sd
+        sd = {k[len(prefix):]: v for k, v in sd.items()}
+    return sd
+
+
 def load_checkpoint(path):
     """Read a checkpoint onto the CPU, safely. Returns the dict; raises CheckpointError."""
     if os.path.isdir(path):
@@ -78,14 +93,16 @@ def load_checkpoint(path):
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a checkpoint (it holds a {type(ckpt).__name__}, not a dict)")
     if "model" not in ckpt and "state_dict" not in ckpt:
-        if all(isinstance(v, torch.Tensor) for v in ckpt.values()) and any(k.startswith("Generator.") for k in ckpt):
+        sd = unwrapped(ckpt)
+        if all(isinstance(v, torch.Tensor) for v in sd.values()) and any(str(k).startswith("Generator.") for k in sd):
             # A bare state_dict: this project never writes one, lab code's users do (the state_dict of
             # a checkpoint that pickled objects, re-saved as the refusal above tells them), so it is
             # read as lab code's model.
-            return {"model": ckpt, "lab_format": True}
+            return {"model": sd, "lab_format": True}
         raise CheckpointError(f"{path} is not a checkpoint of this model (no 'model' or 'state_dict' entry)")
     if "model" not in ckpt:  # written by lab code
-        ckpt = {"model": ckpt["state_dict"], "lab_format": True}
+        sd = ckpt["state_dict"]
+        ckpt = {"model": unwrapped(sd) if isinstance(sd, dict) else sd, "lab_format": True}
     sd = ckpt["model"]
     if not (isinstance(sd, dict) and sd and all(isinstance(v, torch.Tensor) for v in sd.values())):
         raise CheckpointError(f"{path} is not a checkpoint of this model (its "

@@ -190,6 +190,30 @@ def test_lab_format_checkpoint_loads_in_tester(run, tmp_path, capsys):
     assert "the lab's model" not in capsys.readouterr().out
 
 
+def test_lab_checkpoints_of_a_wrapped_model_load(run, tmp_path, capsys):
+    """Lab code that wraps its model in DataParallel ("module.") or torch.compile ("_orig_mod.")
+    saves names with the prefix; they were refused as "missing frame_transformation.6.weight"."""
+    dr, _ = run
+    sd = jitter(VAE_Model(16, 8, 4, 16)).state_dict()
+    common = ["--DR", str(dr), "--test_len", "20", "--no_gif", "--device", "cpu"]
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": sd, "optimizer": {}}, plain)
+    assert Tester.main(["--ckpt_path", str(plain), "--save_root", str(tmp_path / "plain"), *common]) == 0
+    for prefix in ("module.", "_orig_mod.", "module._orig_mod."):
+        wrapped = {prefix + k: v for k, v in sd.items()}
+        for name, obj in (("entry", {"state_dict": wrapped, "optimizer": {}}), ("bare", wrapped)):
+            path = tmp_path / f"{name}{prefix}ckpt"
+            torch.save(obj, path)
+            out = tmp_path / f"{name}{prefix}"
+            assert Tester.main(["--ckpt_path", str(path), "--save_root", str(out), *common]) == 0, capsys.readouterr().err
+            assert (out / "submission.csv").read_bytes() == (tmp_path / "plain" / "submission.csv").read_bytes()
+    # Only a prefix every name has is removed: a model of which one module is wrapped is not this one.
+    torch.save({"state_dict": {("module." + k if k.startswith("Generator.") else k): v for k, v in sd.items()},
+                "optimizer": {}}, tmp_path / "half.ckpt")
+    assert Tester.main(["--ckpt_path", str(tmp_path / "half.ckpt"), "--save_root", str(tmp_path / "half"), *common]) == 2
+    assert "its weights are not this model's (missing Generator.0.block.0.conv1.0.weight)" in capsys.readouterr().err
+
+
 def test_a_lab_checkpoint_is_named_with_its_models_values_and_never_written_over(run, tmp_path, monkeypatch,
                                                                                   capsys):
     """A lab file named best.ckpt, given as --ckpt_path, was replaced by the run's own best.ckpt
