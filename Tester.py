@@ -36,6 +36,7 @@ from modules.runtime import prepare_model, resolve_speed, rollout, to_float  # n
 from modules.visualize import save_gif, save_psnr_plot, save_strip  # noqa: E402
 
 
+KAGGLE_FRAME = (32, 64)  # (H, W) of the frames submission.csv holds for the course's competition
 # What a test writes per sequence or once (besides submission.csv and results.json, always rewritten).
 STALE = re.compile(r"(pred|pose)_seq.+\.gif|strip_seq.+\.png|psnr_per_frame\.png")
 
@@ -117,6 +118,10 @@ def run(args, written=None, given=()):
         print(note, flush=True)
     print(f"Generating {len(seqs)} sequence(s) x {K} sample(s) x {L} frames on {speed.device} "
           f"(prior {margs['prior']}, z_mode {args.z_mode}, seed {args.seed})", flush=True)
+    if (H, W) != KAGGLE_FRAME:
+        print(f"note: submission.csv will hold frames of 3 x {H} x {W} values; the course's Kaggle format is "
+              f"3 x {KAGGLE_FRAME[0]} x {KAGGLE_FRAME[1]} (--frame_H {KAGGLE_FRAME[0]} --frame_W {KAGGLE_FRAME[1]})",
+              flush=True)
     if K > 1 and args.z_mode != "sample":
         print(f"note: z_mode {args.z_mode} ignores the noise, so the {K} rollouts are identical; "
               "use --z_mode sample for K different ones", flush=True)

@@ -463,6 +463,10 @@ def _train(args, d, stop, claimed):
             val = validate(model, val_set, args, speed)
             print(f"val PSNR {val['psnr']:.3f} dB over {len(val_set)} sequence(s) of {args.val_vi_len} frames "
                   f"(frames 1..{args.val_vi_len - 1}, z from the prior)", flush=True)
+            if args.store_visualization:
+                print("note: --test writes nothing, so no --store_visualization GIF either; Tester.py writes "
+                      "each test sequence's GIF (a training run writes the validation GIF at each validation)",
+                      flush=True)
         d.barrier()
         return 0
 
