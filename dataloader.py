@@ -39,13 +39,19 @@ class DataError(ValueError):
 
 # ----------------------------------------------------------------------------- names
 
+# The suffix a file manager gives a duplicate ("frame3 (1).png", "frame3 copy 2.png", "frame3 - Copy.png"):
+# its number is the copy's, not the frame's.
+COPY_SUFFIX = re.compile(r"(?: \(\d+\)| copy(?: \d+)?| - copy(?: \(\d+\))?)$", re.IGNORECASE)
+
+
 def frame_number(path):
-    """The frame number in a file name: the last run of digits of its stem ('frame12.png' -> 12).
+    """The frame number in a file name: the last run of digits of its stem ('frame12.png' -> 12),
+    a file manager's copy suffix left out ('frame3 (1).png' -> 3: a duplicate of frame 3).
 
     Paths may use '/' or '\\' whatever the OS, as the lab's loader split on either.
     """
     name = re.split(r"[\\/]", str(path))[-1]
-    digits = re.findall(r"\d+", os.path.splitext(name)[0])
+    digits = re.findall(r"\d+", COPY_SUFFIX.sub("", os.path.splitext(name)[0]))
     if not digits:
         raise DataError(f"{path}: no frame number in the file name; "
                         "name frames like frame12.png")
@@ -93,8 +99,10 @@ def _scan(folder, what="frames"):
     entries.sort()
     for (a, name_a, _), (b, name_b, _) in zip(entries, entries[1:]):
         if a == b:
+            copy = next((n for n in (name_a, name_b) if COPY_SUFFIX.search(os.path.splitext(n)[0])), None)
             raise DataError(f"{os.path.join(folder, name_b)} has the same frame number as "
-                            f"{name_a}; rename or remove one of them")
+                            f"{name_a}; rename or remove one of them"
+                            + (f" ({copy} looks like a copy a file manager made)" if copy else ""))
     return [e[1] for e in entries], [e[2] for e in entries]
 
 

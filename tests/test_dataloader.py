@@ -352,8 +352,23 @@ def test_name_without_number_and_duplicates(tmp_path):
         TrainWindows(tmp_path, video_len=2, cache=False)
     (img / "cover.png").unlink()
     _solid(img / "frame01.png", (0, 0, 0))
-    with pytest.raises(DataError, match=r"frame1.png has the same frame number as frame01.png"):
+    with pytest.raises(DataError, match=r"frame1.png has the same frame number as frame01.png; rename or remove "
+                                        r"one of them$"):
         TrainWindows(tmp_path, video_len=2, cache=False)
+    (img / "frame01.png").unlink()
+    # A file manager's duplicate of frame 2 was named a duplicate of frame 1 ("(1)"), or, with a
+    # label of its own, read as frame 1000.
+    assert [dataloader.frame_number(n) for n in ("frame2 (1).png", "frame2 copy.png", "frame2 copy 3.png",
+                                                  "frame2 - Copy.png", "frame2 - Copy (4).png")] == [2] * 5
+    for copy in ("frame2 (1).png", "frame2 (1000).png"):
+        _solid(img / copy, (0, 0, 0))
+        _solid(lab / copy, (0, 0, 0))
+        with pytest.raises(DataError, match=r"frame2.png has the same frame number as frame2 \(1(000)?\).png; "
+                                            r"rename or remove one of them \(frame2 \(1(000)?\).png looks like a "
+                                            r"copy a file manager made\)"):
+            TrainWindows(tmp_path, video_len=2, cache=False)
+        (img / copy).unlink()
+        (lab / copy).unlink()
 
 
 def test_messages_are_one_line(tmp_path):
