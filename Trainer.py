@@ -48,11 +48,14 @@ DEFAULT_DR = "data/dance"
 class StopRequest:
     """Ctrl-C / SIGTERM set a flag the loop checks between steps; a second Ctrl-C aborts."""
 
-    def __init__(self, verbose=True):
+    def __init__(self, verbose=True, second_aborts=True):
         self.requested = False
         self.signal = None
         self.previous = {}
         self.verbose = verbose  # under torchrun only rank 0 says so (Ctrl-C reaches every rank)
+        # Under torchrun a second Ctrl-C reaches torchrun alone, which sends the processes SIGTERM:
+        # they finish the step and write the checkpoint all the same.
+        self.second_aborts = second_aborts
 
     def install(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -69,8 +72,9 @@ class StopRequest:
             raise KeyboardInterrupt
         self.requested, self.signal = True, signal.Signals(signum).name
         if self.verbose:
-            print(f"\n{self.signal} received: finishing this step and writing a checkpoint "
-                  "(press Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+            print(f"\n{self.signal} received: finishing this step and writing a checkpoint"
+                  + (" (press Ctrl-C again to abort without saving)" if self.second_aborts else ""),
+                  file=sys.stderr, flush=True)
 
 
 def build_optimizer(model, args, speed):
@@ -126,10 +130,21 @@ def continues_its_folder(args):
                                      == os.path.realpath(args.save_root))
 
 
+def trainer_command():
+    """How to start the Trainer as this run was started: under torchrun, with as many processes
+    (a plain `python Trainer.py` resumes too, but with a smaller global batch)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return "python Trainer.py"
+    if int(os.environ.get("LOCAL_WORLD_SIZE", world)) == world:
+        return f"torchrun --standalone --nproc_per_node={world} Trainer.py"
+    return "torchrun <this run's torchrun flags> Trainer.py"
+
+
 def restart_command(args):
     """The command that starts this run again from its --ckpt_path, into the same folder."""
     there = "" if not args.save_root or continues_its_folder(args) else f" --save_root {args.save_root}"
-    return f"python Trainer.py --ckpt_path {args.ckpt_path}{there}"
+    return f"{trainer_command()} --ckpt_path {args.ckpt_path}{there}"
 
 
 def best_on_disk(path):
@@ -140,6 +155,24 @@ def best_on_disk(path):
         return float(load_checkpoint(path).get("best_psnr", float("-inf")))
     except (CheckpointError, TypeError, ValueError):
         return float("-inf")  # unreadable: the next validation replaces it
+
+
+def resume_position(progress, epoch, args, world_size):
+    """Where a resume continues, in this run's steps: a mid-epoch checkpoint holds its position in
+    windows, which another global batch (--batch_size x processes) divides differently."""
+    if not progress:
+        return f"epoch {epoch + 1}"
+    batch = args.batch_size * world_size
+    if "windows" not in progress:  # written before positions were in windows: one process, this batch
+        return f"epoch {epoch + 1}, step {progress['step']}"
+    windows, step = progress["windows"], progress["step"]
+    where = f"epoch {epoch + 1}, step {windows // batch}"
+    if step and windows // step != batch:
+        old = windows // step
+        where += (f" (the checkpoint's run took {old} window{'s' * (old != 1)} per step, this one takes {batch}: "
+                  f"--batch_size {args.batch_size} x {world_size} process(es); it goes on from window "
+                  f"{windows // batch * batch + 1} of the epoch)")
+    return where
 
 
 def plan_save_root(args):
@@ -400,7 +433,7 @@ def save_visualization(save_root, epoch, val):
 
 def run(args):
     d = distributed.setup(args)
-    stop = StopRequest(verbose=d.is_main)
+    stop = StopRequest(verbose=d.is_main, second_aborts=not d.enabled)
     leave_group = True
     # The folders this run makes for its run folder (plan_save_root makes them: --save_root a/b/c
     # with a/ new makes a/, a/b/ and a/b/c/; by default runs/<timestamp>, and runs/ if missing) are
@@ -500,8 +533,8 @@ def _train(args, d, stop, claimed):
         if d.world_size == 1:
             set_rng_state(ckpt.get("rng"))
         if d.is_main:
-            where = f"epoch {start_epoch + 1}" + (f", step {progress['step']}" if progress else "")
-            print(f"Resuming {args.ckpt_path} at {where}", flush=True)
+            print(f"Resuming {args.ckpt_path} at {resume_position(progress, start_epoch, args, d.world_size)}",
+                  flush=True)
     elif ckpt is not None and d.is_main:
         why = ("a checkpoint of the lab's code: its optimizer state, epoch, lr and tfr are not continued; "
                "this run's flags set them" if args.lab_activation else "weights only: no optimizer state or epoch in it")
@@ -581,7 +614,7 @@ def _train(args, d, stop, claimed):
                         f"--lr ({restart_command(args)} --lr ...)")
             elif os.path.isfile(last):
                 kept = (f"the last good checkpoint, {last}, is intact: resume it with a lower --lr "
-                        f"(python Trainer.py --resume {args.save_root} --lr ...)")
+                        f"({trainer_command()} --resume {args.save_root} --lr ...)")
             else:
                 kept = "no checkpoint had been written yet"
             raise TrainingDiverged(f"{e}; {kept}") from None
@@ -599,14 +632,14 @@ def _train(args, d, stop, claimed):
                 save_checkpoint(last, make_state(model, optimizer, args, epoch, prog, best_psnr, nan_skipped, nan_run, guard))
                 if oom is None:
                     print(f"Stopped at epoch {epoch + 1}, step {prog['step']}; checkpoint {last}.\n"
-                          f"Resume with: python Trainer.py --resume {args.save_root}", flush=True)
+                          f"Resume with: {trainer_command()} --resume {args.save_root}", flush=True)
             if oom is not None:
                 less = (f"--resume {args.save_root} --grad_ckpt (about 10x less activation memory) or a smaller "
                         "--batch_size" if not args.grad_ckpt else
                         f"--resume {args.save_root} --batch_size {max(1, args.batch_size // 2)}")
                 raise OutOfMemory(f"out of memory at epoch {epoch + 1}, step {prog['step']} (batch "
                                   f"{args.batch_size} x {args.train_vi_len} frames on {speed.device}); the position "
-                                  f"is saved in {last}. Continue with less memory: python Trainer.py {less}. ({oom})")
+                                  f"is saved in {last}. Continue with less memory: {trainer_command()} {less}. ({oom})")
             return 130 if stop.signal == "SIGINT" else 143
         row = {"epoch": epoch + 1, **row, "time_s": round(time.time() - t0, 2)}
         val = val_oom = None
@@ -654,7 +687,7 @@ def _train(args, d, stop, claimed):
                 raise OutOfMemory(
                     f"out of memory validating after epoch {epoch + 1} ({len(val_set)} sequence(s) of "
                     f"{args.val_vi_len} frames on {speed.device}); the epoch is saved in {last}, without its "
-                    f"validation. Continue with: python Trainer.py --resume {args.save_root} --val_vi_len "
+                    f"validation. Continue with: {trainer_command()} --resume {args.save_root} --val_vi_len "
                     f"{max(2, args.val_vi_len // 2)} (or a larger --val_every). ({val_oom})")
         started_from = None  # last.ckpt is this run's now
         d.barrier()
@@ -714,7 +747,7 @@ def interrupted_advice(args, started):
     if args.test:
         return "nothing was written"
     if args.resume or (args.save_root and os.path.isfile(last) and os.path.getmtime(last) >= started):
-        return f"resume from the last checkpoint with: python Trainer.py --resume {args.resume or args.save_root}"
+        return f"resume from the last checkpoint with: {trainer_command()} --resume {args.resume or args.save_root}"
     if args.ckpt_path:
         return (f"no checkpoint was written; this run started from {args.ckpt_path}, which is intact: "
                 f"{restart_command(args)}")

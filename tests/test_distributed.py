@@ -162,6 +162,10 @@ def test_sigterm_under_torchrun_stops_all_ranks_with_a_checkpoint(tiny_dance, tm
     text = log.read()
     assert "Stopped at epoch" in text, text[-3000:]
     assert text.count("SIGTERM received") == 1  # rank 0 alone says so
+    # Under torchrun a second Ctrl-C reaches torchrun alone: no promise that it aborts. The resume
+    # command is torchrun's with as many processes (python Trainer.py halved the global batch).
+    assert "press Ctrl-C again" not in text
+    assert f"Resume with: torchrun --standalone --nproc_per_node=2 Trainer.py --resume {save}" in text
     assert took < 20, f"stopping took {took:.1f} s"
     ckpt = torch.load(save / "last.ckpt", map_location="cpu", weights_only=True)
     assert 1 <= ckpt["epoch"] < 50
@@ -336,6 +340,33 @@ def test_interrupted_epoch_resumes_with_another_global_batch():
                                            speed, list(model.named_parameters()), resume=progress)
     assert finished and model.seen == order[2:]
     assert metrics["steps"] == 3  # 6 windows in steps of 2
+
+
+def test_a_resume_says_where_it_goes_on_in_its_own_steps():
+    """A 1-process checkpoint at step 14 (batch 1) resumed by 2 processes went on at step 7 but
+    said step 14, and neither way said that the global batch had changed."""
+    args = trainer_parser().parse_args(["--batch_size", "1"])
+    one = {"step": 14, "windows": 14}
+    assert Trainer.resume_position(one, 1, args, 1) == "epoch 2, step 14"
+    assert Trainer.resume_position(one, 1, args, 2) == (
+        "epoch 2, step 7 (the checkpoint's run took 1 window per step, this one takes 2: --batch_size 1 x 2 "
+        "process(es); it goes on from window 15 of the epoch)")
+    two = {"step": 9, "windows": 18}  # batch 1 x 2 processes
+    assert Trainer.resume_position(two, 0, args, 1).startswith("epoch 1, step 18 (the checkpoint's run took 2 ")
+    args.batch_size = 4
+    assert Trainer.resume_position(two, 0, args, 1).endswith("it goes on from window 17 of the epoch)")  # 17-18 again
+    assert Trainer.resume_position(None, 3, args, 1) == "epoch 4"
+    assert Trainer.resume_position({"step": 5, "sums": None}, 3, args, 1) == "epoch 4, step 5"  # older checkpoints
+
+
+def test_restart_commands_keep_the_launcher(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert Trainer.trainer_command() == "python Trainer.py"
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert Trainer.trainer_command() == "torchrun --standalone --nproc_per_node=4 Trainer.py"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines
+    assert Trainer.trainer_command() == "torchrun <this run's torchrun flags> Trainer.py"
 
 
 def test_a_stray_world_size_is_one_line_not_a_traceback(tiny_dance, tmp_path, monkeypatch, capsys):
