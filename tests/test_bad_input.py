@@ -210,6 +210,13 @@ def make_bad_checkpoint(kind, good, folder):
         sd = torch.load(good, weights_only=True)["model"]
         sd["Generator.7.weight"] = torch.zeros(3, 5, 1, 1)
         torch.save({"state_dict": sd, "optimizer": {}}, path)
+    elif kind in ("missing_key", "unexpected_key"):  # a module taken out of, or added to, the model by hand
+        ckpt = torch.load(good, weights_only=True)
+        if kind == "missing_key":
+            del ckpt["model"]["Generator.7.bias"]
+        else:
+            ckpt["model"]["Generator.8.weight"] = torch.zeros(3, 3, 1, 1)
+        torch.save(ckpt, path)
     elif kind == "torchscript":
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), path)
     elif kind == "plain_pickle":  # pickle.dump's own: torch warns about the protocol first
@@ -231,6 +238,8 @@ BAD_CHECKPOINTS = {
     "code": "it holds pickled objects that could run code",
     "model_not_a_dict": "is not a checkpoint of this model (its 'model' entry is not a state_dict)",
     "lab_other_shape": "does not match the model: size mismatch for Generator.7.weight",
+    "missing_key": "does not match the model: missing ['Generator.7.bias'], unexpected []",
+    "unexpected_key": "does not match the model: missing [], unexpected ['Generator.8.weight']",
     "torchscript": "",  # one line, and no warning of torch's before it
     "plain_pickle": "it is not a PyTorch checkpoint",
 }
@@ -251,6 +260,16 @@ def test_bad_checkpoint(trained, tmp_path, capsys, main, kind):
     if kind == "code":
         assert "os.makedirs" in line and "weights_only=True" in line
         assert not os.path.exists(os.path.join(tmp_path, "PWNED"))  # nothing was executed
+
+
+def test_the_weights_decide_the_model_over_the_stored_flags(trained):
+    """args.json-like flags that contradict the weights (edited by hand, or a weights file with
+    another run's args) do not rebuild a model the weights cannot fill."""
+    from modules.checkpoint import model_args
+    ckpt = torch.load(trained[1], weights_only=True)  # F/L/N/D 16/8/4/16
+    ckpt["args"].update(F_dim=32, N_dim=8, prior="learned")
+    got = model_args(ckpt)
+    assert (got["F_dim"], got["N_dim"], got["prior"]) == (16, 4, "fixed")
 
 
 @pytest.mark.parametrize("flags, named", [

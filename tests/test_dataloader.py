@@ -92,6 +92,21 @@ def test_windows_partial_and_items(tmp_path):
         TrainWindows(tmp_path, partial=0, cache=False)
 
 
+def test_partial_keeps_the_first_windows(tmp_path):
+    """--partial p keeps the FIRST fraction p of the training windows (the lab's partial), in
+    order, in the dataset and in with_partial."""
+    _split(tmp_path, "train", 80)  # 5 windows of 16, starting at frames 0, 16, 32, 48, 64
+    ds = TrainWindows(tmp_path, video_len=16, partial=0.4, cache=False)
+    assert ds.starts.tolist() == [0, 16]
+    assert [ds[i][0][0, 0, 0, 0].item() for i in range(len(ds))] == [0, 16]
+    assert ds[1][1][:, 0, 0, 0].tolist() == [255 - i for i in range(16, 32)]
+    more = ds.with_partial(0.6)  # from all the windows, not from the 2 kept
+    assert more.starts.tolist() == [0, 16, 32] and more[2][0][:, 0, 0, 0].tolist() == list(range(32, 48))
+    assert ds.with_partial(0.2).starts.tolist() == [0]
+    assert ds.with_partial(1.0).starts.tolist() == [0, 16, 32, 48, 64]
+    assert ds.starts.tolist() == [0, 16]  # with_partial left the dataset as it was
+
+
 def test_manifest_keeps_windows_inside_videos(tmp_path):
     _split(tmp_path, "train", 40)
     (tmp_path / "train" / "videos.json").write_text(json.dumps({"video_lengths": [20, 20]}))
@@ -202,6 +217,52 @@ def test_cache_hit_and_invalidation(tmp_path, monkeypatch):
     # another frame size is another cache file
     TrainWindows(tmp_path, frame_H=16, frame_W=32, video_len=4)
     assert (tmp_path / "train" / ".cache" / "train_img-16x32.pt").exists()
+
+
+def _count_decoding(monkeypatch):
+    """Patch read_images to count its calls (it still decodes)."""
+    calls, real = [], dataloader.read_images
+
+    def counted(paths, *a, **k):
+        calls.append(len(paths))
+        return real(paths, *a, **k)
+    monkeypatch.setattr(dataloader, "read_images", counted)
+    return calls
+
+
+def test_cache_is_rebuilt_when_only_a_modification_time_changes(tmp_path, monkeypatch):
+    """The fingerprint holds each file's size and mtime: a file touched (same bytes, new mtime) is
+    decoded again, and so is a label."""
+    img, lab = _split(tmp_path, "train", 8)
+    TrainWindows(tmp_path, video_len=4)
+    calls = _count_decoding(monkeypatch)
+    TrainWindows(tmp_path, video_len=4)
+    assert calls == []  # a valid cache: nothing decoded
+    for path in (img / "frame3.png", lab / "frame5.png"):
+        data = path.read_bytes()
+        st = os.stat(path)
+        os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        assert path.read_bytes() == data and os.stat(path).st_size == st.st_size
+        calls.clear()
+        TrainWindows(tmp_path, video_len=4)
+        assert calls == [8, 8], path  # frames and labels read again
+        calls.clear()
+        TrainWindows(tmp_path, video_len=4)
+        assert calls == [], path  # and the cache written then is used
+
+
+def test_cache_sees_a_same_size_rewrite(tmp_path):
+    """A frame rewritten with other pixels but the same file size (a new mtime) is not read from
+    the cache."""
+    img, _ = _split(tmp_path, "train", 8)
+    assert TrainWindows(tmp_path, video_len=4).frames[3, :, 0, 0].tolist() == [3, 3, 3]
+    path = img / "frame3.png"
+    st = os.stat(path)
+    new = (img / "frame5.png").read_bytes()  # solid grey 5: a PNG of the same size as grey 3
+    assert len(new) == st.st_size and new != path.read_bytes()
+    path.write_bytes(new)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # whatever the file system's clock resolution
+    assert TrainWindows(tmp_path, video_len=4).frames[3, :, 0, 0].tolist() == [5, 5, 5]
 
 
 def test_corrupt_cache_is_ignored(tmp_path):

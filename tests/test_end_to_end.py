@@ -3,6 +3,7 @@ import csv
 import json
 import os
 import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -146,6 +147,44 @@ def test_tester_scores_the_sequences_that_have_ground_truth(run, tmp_path, capsy
     assert json.loads((tmp_path / "o" / "results.json").read_text())["sequences"] == []
     assert "no ground truth" not in out
     assert f"note: {tmp_path / 'o'} also holds psnr_per_frame.png from an earlier test" in out
+
+
+def test_tester_batches_take_each_rollouts_own_noise(run, tmp_path, monkeypatch):
+    """Rollouts generated a batch at a time (--batch_size below the number of rollouts) each take
+    their own noise, the same as when all run together (the first batch's noise reused would give
+    every sample of every sequence the same z)."""
+    dr, save = run
+    real, seen = Tester.rollout, {}
+
+    def recording(model, first, labels, eps, *a, **k):
+        seen[batch].append(eps.clone())
+        return real(model, first, labels, eps, *a, **k)
+    monkeypatch.setattr(Tester, "rollout", recording)
+    scores = []
+    for batch in ("1", "8"):  # 2 sequences x 3 samples: 6 batches of one, or one of six
+        seen[batch] = []
+        out = tmp_path / f"b{batch}"
+        assert Tester.main(["--ckpt_path", str(save / "best.ckpt"), "--DR", str(dr), "--save_root", str(out),
+                            "--test_len", "20", "--no_gif", "--num_samples", "3", "--batch_size", batch,
+                            "--device", "cpu"]) == 0
+        scores.append(json.loads((out / "results.json").read_text())["sequences"])
+    assert [e.shape[1] for e in seen["1"]] == [1] * 6 and [e.shape[1] for e in seen["8"]] == [6]
+    assert torch.equal(torch.cat(seen["1"], 1), seen["8"][0])
+    assert all(not torch.equal(a, b) for i, a in enumerate(seen["1"]) for b in seen["1"][i + 1:])
+    for one, together in zip(*scores):
+        assert one["psnr"] == pytest.approx(together["psnr"], abs=1e-3)
+        assert one["best_of_k_psnr"] == pytest.approx(together["best_of_k_psnr"], abs=1e-3)
+
+
+def test_submission_rounds_to_the_nearest_level():
+    """round(x * 255), not truncation, in the course's format (row 0 round-trips either way)."""
+    written = []
+    levels = torch.tensor([0.0, 0.4, 0.6, 1.5, 254.4, 254.6]) / 255  # x * 255 just below/above .5
+    video = levels.repeat(3 * 2 * 1).view(1, 3, 2, 6)  # one frame, 3 x 2 x 6
+    path = os.path.join(tempfile.mkdtemp(), "submission.csv")
+    assert Tester.write_submission(path, [video], written) == (1, 1 + 36)
+    rows = _submission(path)
+    assert rows[1][:7] == ["0", "0", "0", "1", "2", "254", "255"]
 
 
 def test_tester_other_seed_changes_the_samples(run, tmp_path):

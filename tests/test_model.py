@@ -952,3 +952,136 @@ def test_unknown_z_mode_or_recon_is_refused():
         m.generate(first, labels, m.sample_noise(1, 3, 8, 16), z_mode="samples")
     with pytest.raises(ValueError, match="recon must be one of"):
         m(torch.rand(1, 3, 3, 8, 16), labels, recon="MSE")
+
+
+# ---- mutation audit: per-frame teacher forcing, the recon choice, the gathered layer, the blocks ----
+
+@pytest.mark.parametrize("fast,grad_ckpt", [(True, False), (False, False), (True, True), (False, True)])
+def test_teacher_forcing_per_frame_reads_the_true_or_the_own_previous_frame(fast, grad_ckpt):
+    """teacher_forcing as a list: frame t (1..T-1) is decoded from the true frame t-1 where entry
+    t-1 is True, else from the model's own clamped frame t-1 (frame 1 always from frame 0), in the
+    batched, per-frame and checkpointed paths. Fixed eps. The frames whose entry is True are those
+    of an all-True pass; the others are those of an all-True pass on a sequence whose previous
+    frame was replaced by the model's own clamped output (frame t's z and pose are unchanged)."""
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(*TINY, residual=True)).eval()
+    torch.nn.init.normal_(model.Generator[-1].weight, std=0.1)
+    g = torch.Generator().manual_seed(2)
+    img, lab = torch.rand(2, 5, 3, 16, 32, generator=g), torch.rand(2, 5, 3, 16, 32, generator=g)
+    eps = torch.randn(2, 4, TINY[2], 16, 32, generator=g)
+
+    def pred(x, tf):
+        with torch.set_grad_enabled(grad_ckpt):  # the checkpointed path runs only with grad on
+            return model(x, lab, tf, eps=eps, fast=fast, grad_ckpt=grad_ckpt)["pred"].detach()
+    mixed, forced = pred(img, [True, False, True, False]), pred(img, True)
+    for i in (0, 2):  # frames 1 and 3: from the true frames 0 and 2
+        torch.testing.assert_close(mixed[:, i], forced[:, i], rtol=1e-5, atol=1e-6)
+    for i in (1, 3):  # frames 2 and 4: from the model's own frames 1 and 3, far from the true ones
+        assert (mixed[:, i] - forced[:, i]).abs().max() > 1e-2, i
+    own = img.clone()
+    own[:, 1], own[:, 3] = mixed[:, 0].clamp(0, 1), mixed[:, 2].clamp(0, 1)
+    ref = pred(own, True)
+    for i in (1, 3):
+        torch.testing.assert_close(mixed[:, i], ref[:, i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("recon", ["mse", "l1"])
+@pytest.mark.parametrize("fast,grad_ckpt,tf", [(True, False, True), (False, False, True), (True, False, [True, False]),
+                                               (True, True, True), (False, True, [True, False])])
+def test_recon_is_the_mean_error_of_the_returned_frames(recon, fast, grad_ckpt, tf):
+    """recon="l1" is the mean absolute error of pred against frames 1..T-1, "mse" the mean squared
+    error (computed here from the returned pred), in the batched, per-frame and checkpointed paths;
+    loss = recon + beta * kl."""
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(*TINY))
+    g = torch.Generator().manual_seed(3)
+    img, lab = torch.rand(2, 3, 3, 16, 32, generator=g), torch.rand(2, 3, 3, 16, 32, generator=g)
+    eps = torch.randn(2, 2, TINY[2], 16, 32, generator=g)
+    with torch.set_grad_enabled(grad_ckpt):
+        out = model(img, lab, tf, eps=eps, beta=0.5, recon=recon, fast=fast, grad_ckpt=grad_ckpt)
+    diff = out["pred"].detach().double() - img[:, 1:].double()
+    ref = diff.abs().mean() if recon == "l1" else diff.pow(2).mean()
+    mae, mse = diff.abs().mean(), diff.pow(2).mean()
+    assert abs(mae - mse) > 0.05 * mae  # the two errors are told apart here
+    torch.testing.assert_close(out["recon"].detach().double(), ref, rtol=1e-5, atol=0)
+    torch.testing.assert_close(out["loss"].detach(), (out["recon"] + 0.5 * out["kl"]).detach(), rtol=1e-6, atol=0)
+
+
+def test_pose_flow_gathered_layer_reads_the_first_frame_not_the_warped_one(monkeypatch):
+    """pose_flow's third layer reads the first frame (the prev_img given to _decode) through the
+    match's attention, not the frame the flow warped and the dancer layer blended. With the
+    gathered layer's mask fully on and the Generator's change off, the frame is the gathered one."""
+    import modules.model as model_module
+    torch.manual_seed(0)
+    m = jitter(VAE_Model(*TINY, residual=True, condition="first", first_pose=True, warp=True, pose_flow=True)).eval()
+    g = torch.Generator().manual_seed(4)
+    first, first_label, label = (torch.rand(2, 3, 16, 32, generator=g) for _ in range(3))
+    z = torch.randn(2, TINY[2], 16, 32, generator=g)
+    seen, real = [], model_module.gather
+    monkeypatch.setattr(model_module, "gather",
+                        lambda img, attn, block: seen.append(img.clone()) or real(img, attn, block))
+    with torch.no_grad():
+        feat, label_feat = m.encode_first(first, first_label), m.label_transformation(label)
+        _, flow, layer = m._decode(feat, label_feat, z, first)
+        assert len(seen) == 1 and torch.equal(seen[0], first)
+        assert (warp(first, flow) - first).abs().max() > 1e-2  # the warped frame is not the first one
+        # Independently of the wrapper: the gathered layer alone, each block of the frame the
+        # attention-weighted mean of the first frame's blocks (written out here).
+        m.gather_mask.weight.zero_()
+        m.gather_mask.bias.fill_(float("inf"))
+        m.Generator[-1].weight.zero_()
+        m.Generator[-1].bias.zero_()
+        out, _, layer = m._decode(feat, label_feat, z, first)
+        b = m._match_px
+        B, C, H, W = first.shape
+        blocks = first.unflatten(2, (H // b, b)).unflatten(4, (W // b, b)).permute(0, 2, 4, 1, 3, 5)
+        blocks = blocks.flatten(1, 2).flatten(2)  # (B, hw, C*b*b), row-major blocks
+        mixed = torch.einsum("bij,bjk->bik", layer.attn, blocks)
+        ref = mixed.unflatten(1, (H // b, W // b)).unflatten(3, (C, b, b)).permute(0, 3, 1, 4, 2, 5).reshape(B, C, H, W)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert (out - first).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("cin,cout", [(6, 6), (6, 10)])
+def test_layer_blocks_compute_their_documented_functions(cin, cout):
+    """ResidualBlock: 3x3 conv, LeakyReLU, 3x3 conv, LeakyReLU (slope 0.01), plus identity or a 1x1
+    adaptor; DepthConv: 1x1 conv + LeakyReLU (0.01), depthwise 3x3, 1x1 conv, plus identity or
+    adaptor; ConvFFN: x + conv_out(a * LeakyReLU(b)) (slope 0.1) with (a, b) the channel halves of
+    conv(x); DepthConvBlock: ConvFFN after DepthConv. Written with F.conv2d from the parameters."""
+    from modules.layers import ConvFFN, DepthConv, DepthConvBlock, ResidualBlock
+    torch.manual_seed(0)
+    x = torch.randn(2, cin, 8, 16)
+
+    def conv(c, x, **kw):
+        return F.conv2d(x, c.weight, c.bias, **kw)
+
+    def identity(block, x):
+        assert (block.adaptor is None) == (cin == cout)
+        return x if cin == cout else conv(block.adaptor, x)
+
+    res = jitter(ResidualBlock(cin, cout), scale=0.1)
+    h = F.leaky_relu(conv(res.conv1, x, padding=1), 0.01)
+    ref = F.leaky_relu(conv(res.conv2, h, padding=1), 0.01) + identity(res, x)
+    with torch.no_grad():
+        torch.testing.assert_close(res(x), ref, rtol=1e-5, atol=1e-5)
+
+    def depth_ref(dc, x):
+        h = F.leaky_relu(conv(dc.conv1[0], x), 0.01)
+        h = conv(dc.depth_conv, h, padding=1, groups=cin)
+        return conv(dc.conv2, h) + identity(dc, x)
+
+    def ffn_ref(ffn, y):
+        c = y.shape[1]
+        assert ffn.conv.out_channels == max(min(4 * c, 1024), 2 * c)
+        a, b = conv(ffn.conv, y).split(ffn.conv.out_channels // 2, dim=1)
+        return y + conv(ffn.conv_out, a * F.leaky_relu(b, 0.1))
+
+    dc = jitter(DepthConv(cin, cout), scale=0.1)
+    ffn = jitter(ConvFFN(cout), seed=1, scale=0.1)
+    block = jitter(DepthConvBlock(cin, cout), seed=2, scale=0.1)
+    y = torch.randn(2, cout, 8, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(dc(x), depth_ref(dc, x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ffn(y), ffn_ref(ffn, y), rtol=1e-5, atol=1e-5)
+        ref = ffn_ref(block.block[1], depth_ref(block.block[0], x))
+        torch.testing.assert_close(block(x), ref, rtol=1e-5, atol=1e-5)

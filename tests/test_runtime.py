@@ -113,3 +113,90 @@ def test_imports_and_plots_leave_the_process_as_they_found_it(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "svg"
     assert (tmp_path / "p.png").stat().st_size > 0 and (tmp_path / "q.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("amp", [False, True])
+def test_captured_step_replays_each_frames_prev_pose_and_noise(monkeypatch, amp):
+    """The captured generation step copies each frame's inputs (previous frame, pose features and
+    noise) into the graph's static buffers before the replay; without the noise's copy every frame
+    replayed the first frame's noise. Checked on the CPU with a faked capture whose graph records
+    the torch calls made while capturing and replays them: tensors made during the capture are
+    recomputed, every other tensor (static buffers, weights) is read as it is at replay time, as a
+    CUDA graph reads its captured addresses, and the results are written back into the captured
+    tensors. The captured rollout must give the eager one's frames, frame by frame."""
+    import contextlib
+
+    import torch
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves, tree_map
+
+    from helpers import jitter
+    from modules import VAE_Model
+    from modules.runtime import Speed, rollout
+
+    class Recorder(TorchFunctionMode):
+        def __init__(self, calls):
+            super().__init__()
+            self.calls = calls
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            result = func(*args, **kwargs)
+            self.calls.append((func, args, kwargs, result))  # holds the tensors: their ids stay unique
+            return result
+
+    replays = []
+
+    class FakeGraph:
+        def __init__(self):
+            self.calls = []
+
+        @torch.no_grad()
+        def replay(self):
+            replays.append(self)
+            new = {}
+
+            def sub(a):
+                return new.get(id(a), a) if isinstance(a, torch.Tensor) else a
+            for func, args, kwargs, result in self.calls:
+                out = func(*tree_map(sub, args), **tree_map(sub, kwargs))
+                for r, o in zip(tree_leaves(result), tree_leaves(out)):
+                    if isinstance(r, torch.Tensor):
+                        new[id(r)] = o
+            for _, _, _, result in self.calls:
+                for r in tree_leaves(result):
+                    if isinstance(r, torch.Tensor) and r._base is None and new[id(r)] is not r:
+                        r.copy_(new[id(r)])
+
+    @contextlib.contextmanager
+    def capture(graph):
+        with Recorder(graph.calls):
+            yield
+
+    class FakeStream:
+        def wait_stream(self, other):
+            pass
+
+    stream = FakeStream()
+    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+
+    torch.manual_seed(0)
+    model = jitter(VAE_Model(16, 8, 4, 16, prior="learned", residual=True)).eval()
+    torch.nn.init.normal_(model.Generator[-1].weight, std=0.1)
+    g = torch.Generator().manual_seed(1)
+    first, labels = torch.rand(2, 3, 16, 32, generator=g), torch.rand(2, 6, 3, 16, 32, generator=g)
+    eps = model.sample_noise(2, 6, 16, 32, generator=g)
+    cpu = torch.device("cpu")
+    eager_speed = Speed(cpu, amp, False, False, False, True)
+    captured = rollout(model, first, labels, eps, Speed(cpu, amp, False, False, True, True))
+    assert len(replays) == 5 and len(replays[0].calls) > 50  # the frames came from the replays
+    eager = rollout(model, first, labels, eps, eager_speed)
+    one_noise = rollout(model, first, labels, eps[:1].expand_as(eps), eager_speed)
+    assert (eager[:, 2:] - one_noise[:, 2:]).abs().amax(dim=(0, 2, 3, 4)).min() > 2e-3  # each frame's noise matters
+    assert (eager[:, 2] - eager[:, 1]).abs().max() > 1e-2  # and each frame's previous one moves
+    for t in range(eager.shape[1]):
+        torch.testing.assert_close(captured[:, t], eager[:, t], rtol=0, atol=1e-6, msg=f"frame {t}")
