@@ -13,7 +13,7 @@ from modules.model import (FLOW_SCALE, MASK_START, MATCH_BLOCK, WARP_BLURS, Danc
 from modules.modules import reparameterize
 from modules.runtime import Speed, make_step_fn, peak_memory_growth, prepare_model, rollout, with_bf16_convs
 
-from helpers import jitter
+from helpers import fake_cuda_graphs, jitter
 
 TINY = (16, 8, 4, 16)
 
@@ -457,20 +457,11 @@ def test_captured_step_keeps_its_bf16_copy_alive(monkeypatch):
 
     import modules.runtime as runtime
 
-    class FakeStream:
-        def wait_stream(self, other):
-            pass
-
     class FakeGraph:
         def replay(self):
             pass
 
-    stream = FakeStream()
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", lambda g: contextlib.nullcontext())
+    fake_cuda_graphs(monkeypatch, FakeGraph, lambda g: contextlib.nullcontext())
     copies, real = [], runtime.with_bf16_convs
 
     def recorded(m):

@@ -130,7 +130,7 @@ def test_captured_step_replays_each_frames_prev_pose_and_noise(monkeypatch, amp)
     from torch.overrides import TorchFunctionMode
     from torch.utils._pytree import tree_leaves, tree_map
 
-    from helpers import jitter
+    from helpers import fake_cuda_graphs, jitter
     from modules import VAE_Model
     from modules.runtime import Speed, rollout
 
@@ -173,16 +173,7 @@ def test_captured_step_replays_each_frames_prev_pose_and_noise(monkeypatch, amp)
         with Recorder(graph.calls):
             yield
 
-    class FakeStream:
-        def wait_stream(self, other):
-            pass
-
-    stream = FakeStream()
-    monkeypatch.setattr(torch.cuda, "Stream", lambda: stream)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda: stream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda s: contextlib.nullcontext())
-    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
-    monkeypatch.setattr(torch.cuda, "graph", capture)
+    fake_cuda_graphs(monkeypatch, FakeGraph, capture)
 
     torch.manual_seed(0)
     model = jitter(VAE_Model(16, 8, 4, 16, prior="learned", residual=True)).eval()
