@@ -513,3 +513,34 @@ def test_dataset_root_that_is_a_file(tmp_path):
     root.write_text("not a folder")
     with pytest.raises(DataError, match=r"dataset root .*DR is a file; point --DR at the folder"):
         TrainWindows(root, video_len=2, cache=False)
+
+
+def test_frame_number_is_the_last_number_of_the_name():
+    """The frame number is the last run of digits of the file name: a name that carries another
+    number first (a video or take) was ordered, and matched, by that one."""
+    assert dataloader.frame_number("dance2_frame12.png") == 12
+    assert dataloader.frame_number("DR/train/train_img/take3-v2-frame0007.png") == 7
+    assert dataloader.frame_number("C:\\clips\\7\\s01_frame10 (1).png") == 10
+
+
+def test_downsizing_is_antialiased_bilinear(tmp_path):
+    """Frames are shrunk as torchvision's Resize does on PIL images (bilinear, its filter widened
+    by the scale factor), not by picking pixels. Halving columns striped 0,0,255,255 with the
+    triangle filter of support 2 source pixels (weights 1/8, 3/8, 3/8, 1/8 on source columns
+    2j-1 .. 2j+2) gives 255/4 ~ 64 for an even output column j and 255 * 3/4 ~ 191 for an odd one;
+    picking pixels (nearest) or averaging pairs (box) gives 0 and 255."""
+    a = np.zeros((64, 128, 3), np.uint8)
+    a[:, np.arange(128) % 4 >= 2] = 255
+    Image.fromarray(a).save(tmp_path / "frame0.png")
+    out = dataloader.read_image(str(tmp_path / "frame0.png"), 32, 64).astype(int)
+    inner = out[:, 1:-1]  # the edge columns have fewer taps
+    assert np.abs(inner[:, 1::2] - 64).max() <= 1 and np.abs(inner[:, 0::2] - 191).max() <= 1
+
+
+def test_manifest_with_a_negative_length_is_refused(tmp_path):
+    """videos.json [-4, 44] sums to the split's 40 frames, and windows started at frame -4 (an
+    empty slice of the frames): it is refused as not a list of video lengths."""
+    _split(tmp_path, "train", 40)
+    (tmp_path / "train" / "videos.json").write_text("[-4, 44]")
+    with pytest.raises(DataError, match=r"videos.json is not a list of video lengths"):
+        TrainWindows(tmp_path, video_len=16, cache=False)

@@ -597,3 +597,88 @@ def test_validation_in_batches_scores_as_one_at_a_time(tiny_dance):
     assert one["psnr"] == pytest.approx(three["psnr"], rel=1e-5)
     other = validate(model, val, SimpleNamespace(seed=1), speed, max_batch=3)  # the noise matters
     assert other["psnr_per_frame"] != pytest.approx(three["psnr_per_frame"], rel=1e-5)
+
+
+def _gif_frames(path, fps=20):
+    """(size, one array per video frame). Pillow writes a run of identical frames (a pose held
+    still) as one frame shown that much longer: it is counted as many times."""
+    from PIL import Image, ImageSequence
+    frames = []
+    with Image.open(path) as gif:
+        for f in ImageSequence.Iterator(gif):
+            frames += [np.asarray(f.convert("RGB")).astype(int)] * round(f.info["duration"] * fps / 1000)
+        return gif.size, frames
+
+
+def test_tester_gifs_and_strips_show_each_sequence(run, tmp_path):
+    """pred_seq{k}.gif is sequence k's submitted video and pose_seq{k}.gif its poses, one GIF frame
+    per frame, enlarged twice (nearest); strip_seq{k}.png shows rows pose, truth, predicted (top
+    to bottom) at frames 0, 3, 5, 8, 11, 14, 16, 19 of 20 (8 evenly spaced, rounded), each tile the
+    frame enlarged twice. The GIF's palette moves colours a little: compared on average."""
+    dr, save = run
+    out = tmp_path / "o"
+    assert Tester.main(["--ckpt_path", str(save / "best.ckpt"), "--DR", str(dr), "--save_root", str(out),
+                        "--test_len", "20", "--device", "cpu"]) == 0
+    rows = _submission(out / "submission.csv")[1:]
+    seqs = TestSequences(dr, 32, 64, test_len=20)
+    shown = [0, 3, 5, 8, 11, 14, 16, 19]
+    for k in range(2):
+        pred = np.array([[int(v) for v in r[1:]] for r in rows[20 * k:20 * (k + 1)]]).reshape(20, 3, 32, 64)
+        videos = {"pose": seqs[k]["labels"].numpy(), "truth": seqs[k]["gt"].numpy(), "predicted": pred}
+        for name, kind in (("pred", "predicted"), ("pose", "pose")):
+            size, frames = _gif_frames(out / f"{name}_seq{k}.gif")
+            assert size == (128, 64) and len(frames) == 20, name
+            for t, f in enumerate(frames):
+                assert (f[::2, ::2] == f[1::2, 1::2]).all()  # each pixel a 2 x 2 block
+                assert np.abs(f[::2, ::2] - videos[kind][t].transpose(1, 2, 0)).mean() < 2, (name, k, t)
+        from PIL import Image
+        with Image.open(out / f"strip_seq{k}.png") as im:
+            strip = np.asarray(im.convert("RGB")).astype(int)
+        for r, kind in enumerate(("pose", "truth", "predicted")):
+            for c, t in enumerate(shown):
+                tile = strip[14 + r * 66:14 + r * 66 + 64, 70 + c * 130:70 + c * 130 + 128]
+                assert (tile[::2, ::2] == videos[kind][t].transpose(1, 2, 0)).all(), (k, kind, t)
+
+
+def test_strip_frames_are_evenly_spaced_and_rounded(tmp_path):
+    """save_strip alone: 8 of 20 frames, 0 .. 19 evenly spaced and rounded to the nearest (0, 2.71,
+    5.43, ... 19 -> 0, 3, 5, 8, 11, 14, 16, 19), values round(x * 255) as in submission.csv."""
+    from PIL import Image
+    from modules.visualize import save_strip
+    video = ((torch.arange(20).float() + 0.6) / 255).view(20, 1, 1, 1).expand(20, 3, 4, 8)  # rounds to t + 1
+    save_strip({"only": video}, tmp_path / "s.png")
+    with Image.open(tmp_path / "s.png") as im:
+        strip = np.asarray(im.convert("RGB")).astype(int)
+    assert strip.shape == (14 + 8 + 2, 70 + 8 * (16 + 2), 3)
+    assert [strip[14, 70 + c * 18, 0] for c in range(8)] == [1, 4, 6, 9, 12, 15, 17, 20]
+
+
+def test_psnr_figure_numbers_the_frames_from_one():
+    """A curve holds frames 1..L-1 (frame 0 is given): the plot's x values are 1.. and the legend
+    shows the average."""
+    from modules.visualize import psnr_figure
+    (ax,) = psnr_figure({"seq 0": [10.0, 20.0, 33.0]}).axes
+    (line,) = ax.lines
+    assert list(line.get_xdata()) == [1, 2, 3] and list(line.get_ydata()) == [10.0, 20.0, 33.0]
+    assert line.get_label() == "seq 0 (avg 21.00 dB)"
+
+
+def test_tester_scores_per_frame_and_copy_first(run, tmp_path):
+    """results.json with --num_samples 3: psnr_per_frame is the per-frame PSNR averaged over the 3
+    samples, so its mean is the sequence's psnr (sample 0's curve was taken); copy_first_psnr is
+    10 log10(1 / MSE) of the given first frame against each true frame 1..19, averaged, computed
+    here from the PNGs."""
+    dr, save = run
+    out = tmp_path / "o"
+    assert Tester.main(["--ckpt_path", str(save / "best.ckpt"), "--DR", str(dr), "--save_root", str(out),
+                        "--test_len", "20", "--device", "cpu", "--no_gif", "--num_samples", "3"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    seqs = TestSequences(dr, 32, 64, test_len=20)
+    for k, row in enumerate(res["sequences"]):
+        assert len(row["psnr_per_frame"]) == 19
+        assert np.mean(row["psnr_per_frame"]) == pytest.approx(row["psnr"], abs=1e-5)
+        gt = seqs[k]["gt"].numpy().astype(np.float64) / 255
+        copy = [10 * np.log10(1 / np.mean((gt[0] - gt[t]) ** 2)) for t in range(1, 20)]
+        assert row["copy_first_per_frame"] == pytest.approx(copy, abs=1e-4)
+        assert row["copy_first_psnr"] == pytest.approx(np.mean(copy), abs=1e-4)
+    assert res["copy_first_psnr"] == pytest.approx(np.mean([r["copy_first_psnr"] for r in res["sequences"]]))

@@ -415,3 +415,100 @@ def test_flags_the_runner_sets_are_refused_after_the_separator(tmp_path, capsys,
     err = capsys.readouterr().err
     assert f"{flag} after --: the runner sets it for every run" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_report_grid_runs_are_what_their_names_say():
+    """The report grid compares each factor against one base setting (the lab's Cyclical, tfr 1 /
+    sde 5 / step 0.1, the fixed prior): every other run changes only what its name says, and is in
+    only the comparison of that factor (a run in another figure would be compared on a factor it
+    does not vary). 4 KL + 3 TF + 2 prior settings, sharing the base run: 7 runs."""
+    import re
+    base = {"kl_anneal_type": "Cyclical", "tfr": 1.0, "tfr_sde": 5, "tfr_d_step": 0.1, "prior": "fixed"}
+    runs = run_experiments.GRIDS["report"]()
+    assert len(runs) == 7 and len({r.name for r in runs}) == 7
+    sizes = {"kl": 0, "tf": 0, "prior": 0}
+    for r in runs:
+        for g in r.groups:
+            sizes[g] += 1
+        if r.name == "base":
+            assert r.flags == base and set(r.groups) == {"kl", "tf", "prior"}
+            continue
+        if m := re.fullmatch(r"kl_(\w+)", r.name):
+            want, group = {"kl_anneal_type": m[1]}, "kl"
+        elif m := re.fullmatch(r"tf_([\d.]+)(?:_sde(\d+)_step([\d.]+))?", r.name):
+            want, group = {"tfr": float(m[1])}, "tf"
+            if m[2]:
+                want.update(tfr_sde=int(m[2]), tfr_d_step=float(m[3]))
+        else:
+            m = re.fullmatch(r"prior_(\w+)", r.name)
+            want, group = {"prior": m[1]}, "prior"
+        assert r.flags == {**base, **want}, r.name
+        assert tuple(r.groups) == (group,), r.name
+    assert sizes == {"kl": 4, "tf": 3, "prior": 2}
+
+
+def test_to_argv():
+    assert run_experiments.to_argv({"tfr": 0.75, "prior": "learned"}) == ["--tfr", "0.75", "--prior", "learned"]
+    assert run_experiments.to_argv({"milestones": [2, 5], "plain": True, "amp": False, "ckpt_path": None}) == \
+        ["--milestones", "2", "5", "--plain"]
+
+
+def test_report_figures_and_table_show_each_runs_values(tmp_path, monkeypatch):
+    """What the figures plot, read off the figures: the KL panels show beta (not the teacher-forcing
+    ratio), the comparison's middle panel the reconstruction error, the per-frame figure each run's
+    curve at its best epoch, frames numbered from 1; runs are grouped by run.json and put in grid
+    order; an epoch logged twice (a run resumed by hand from an older checkpoint) counts once, as
+    logged last."""
+    def row(e, beta, tfr, val, mse):
+        return {"epoch": e, "loss": 2 * mse + 0.1, "mse": mse, "kl": 1.0, "beta": beta, "tfr": tfr,
+                "val_psnr": val, "val_psnr_per_frame": [val - 1, val + 1]}
+    cyc = fake_run(tmp_path / "cyc", [row(1, 0.1, 1.0, 20.0, 0.05), row(2, 0.5, 1.0, 30.0, 0.04),
+                                      row(2, 0.5, 1.0, 25.0, 0.03), row(3, 1.0, 0.9, 22.0, 0.02)])
+    (tmp_path / "cyc" / "args.json").write_text(json.dumps(
+        {"kl_anneal_type": "Cyclical", "kl_anneal_cycle": 10, "tfr": 1.0, "tfr_sde": 10, "tfr_d_step": 0.1}))
+    (tmp_path / "cyc" / "run.json").write_text(json.dumps({"name": "cyc", "index": 1, "groups": ["kl", "tf"]}))
+    full = fake_run(tmp_path / "full", [row(1, 1.0, 0.0, 18.0, 0.06), row(2, 1.0, 0.0, 19.0, 0.05)])
+    (tmp_path / "full" / "args.json").write_text(json.dumps({"kl_anneal_type": "Full_KL", "tfr": 0.0}))
+    (tmp_path / "full" / "run.json").write_text(json.dumps({"name": "full", "index": 0, "groups": ["kl"]}))
+    figs, real = {}, plot_report.save
+
+    def keep(fig, path):
+        figs[os.path.basename(path)] = fig
+        return real(fig, path)
+    monkeypatch.setattr(plot_report, "save", keep)
+    assert plot_report.main([cyc, full, "--out", str(tmp_path / "report")]) == 0
+
+    def panels(name):  # the panels with a title: {title: first line's (x, y)}
+        return {ax.get_title(): (list(ax.lines[0].get_xdata()), list(ax.lines[0].get_ydata()))
+                for ax in figs[name].axes if ax.get_title()}
+    assert panels("kl.png") == {"Full_KL  (full)": ([1, 2], [1.0, 1.0]),
+                                "Cyclical (10 cycles)  (cyc)": ([1, 2, 3], [0.1, 0.5, 1.0])}
+    assert panels("tf.png") == {"tfr 1, sde 10, step 0.1  (cyc)": ([1, 2, 3], [1.0, 1.0, 0.9])}  # full: kl only
+    _, recon, val = figs["kl_compare.png"].axes[:3]
+    assert recon.get_title() == "train mse"
+    assert [list(line.get_ydata()) for line in recon.lines] == [[0.06, 0.05], [0.05, 0.03, 0.02]]
+    assert [list(line.get_ydata()) for line in val.lines] == [[18.0, 19.0], [20.0, 25.0, 22.0]]
+    (ax,) = figs["psnr_per_frame.png"].axes
+    assert [(list(line.get_xdata()), list(line.get_ydata())) for line in ax.lines] == \
+        [([1, 2], [18.0, 20.0]), ([1, 2], [24.0, 26.0])]  # full at epoch 2, cyc at epoch 2
+    assert "epoch 2" in ax.lines[1].get_label()
+    table = (tmp_path / "report" / "results.md").read_text().splitlines()[2:]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in table]
+    assert [c[:2] for c in cells] == [["full", "Full_KL"], ["cyc", "Cyclical (10 cycles)"]]
+    assert [c[5:7] for c in cells] == [["2", "19.00 (2)"], ["3", "25.00 (2)"]]
+
+
+@pytest.mark.parametrize("ckpt, stale", [("last.ckpt", True), ("epoch_2.ckpt", False)])
+def test_plotter_marks_a_test_of_a_last_checkpoint_trained_on(tmp_path, capsys, ckpt, stale):
+    """A test of last.ckpt at epoch 2, the run since trained to epoch 3: the table marks it stale;
+    a test of epoch_2.ckpt is of a file that stays epoch 2's."""
+    rows = [{"epoch": e, "loss": 0.5 / e, "mse": 0.5 / e, "val_psnr": 20.0 + e} for e in (1, 2, 3)]
+    run = fake_run(tmp_path / "run", rows)
+    (tmp_path / "run" / "test").mkdir()
+    (tmp_path / "run" / "test" / "results.json").write_text(json.dumps(
+        {"psnr": 7.77, "checkpoint_epoch": 2, "args": {"ckpt_path": f"runs/x/{ckpt}"}}))
+    assert plot_report.main([run, "--out", str(tmp_path / "report")]) == 0
+    row = (tmp_path / "report" / "results.md").read_text().splitlines()[2]
+    assert [c.strip() for c in row.split("|")][8] == ("7.77 (stale: epoch 2)" if stale else "7.77")
+    err = capsys.readouterr().err
+    assert ("the run's last.ckpt is now epoch 3" in err) if stale else err == ""

@@ -303,3 +303,50 @@ def test_no_test_sequences_is_refused(tmp_path, capsys):
     assert mdd.main(["--out", str(tmp_path / "d"), "--test_seqs", "0", "--quiet"]) == 2
     assert "--test_seqs must be at least 1" in capsys.readouterr().err
     assert not (tmp_path / "d").exists()
+
+
+def test_long_test_sequences_and_what_dataset_json_records(tmp_path):
+    """A test sequence longer than a rendering chunk (32 frames here) is rendered in several
+    chunks: test_img/k still holds its first frame only (the chunk starting at frame 32 wrote
+    frame32.png there too). dataset.json and val/videos.json record the splits as written: the
+    Trainer reads the test length from it, which must not be the validation length."""
+    out = tmp_path / "d"
+    mdd.make_dataset(out, train_frames=32, val_frames=6, test_seqs=1, test_len=70, height=32, width=64,
+                     train_videos=2, unseen_seqs=1, workers=1, progress=False)
+    for split in ("test", "test_unseen"):
+        assert os.listdir(out / split / "test_img" / "0") == ["frame0.png"], split
+        assert _names(out / split / "test_label" / "0") == [f"frame{i}.png" for i in range(70)]
+        assert (out / split / "test_img" / "0" / "frame0.png").read_bytes() == \
+            (out / split / "test_gt" / "0" / "frame0.png").read_bytes()
+    meta = json.loads((out / mdd.MARKER).read_text())
+    assert meta["splits"] == {"train": {"frames": 32, "videos": 2}, "val": {"frames": 6, "videos": 1},
+                              "test": {"sequences": 1, "length": 70, "dancer_ids": [0]},
+                              "test_unseen": {"sequences": 1, "length": 70}}
+    assert meta["args"]["test_len"] == 70 and meta["args"]["val_frames"] == 6
+    val = json.loads((out / "val" / "videos.json").read_text())
+    assert val["video_lengths"] == [6] and val["dancer_ids"] == [0]  # the validation video is dancer 0's
+    import Trainer
+    assert Trainer.generated_test_len(str(out)) == 70
+
+
+def test_unseen_dancers_are_never_training_dancers():
+    """test_unseen/ is for dancers never seen in training: none of its people is a training
+    dancer (drawn from the same seed stream, they were the training dancers again), while
+    test/ shows the training dancers."""
+    videos, used = mdd.plan(seed=0, train_frames=64, val_frames=4, test_seqs=2, test_len=4, height=32, width=64,
+                            dancers=2, train_videos=2, unseen_seqs=4, unseen_dancers=4)
+    people = {split: [v["video"]["dancer"] for v in videos if v["split"] == split]
+              for split in ("train", "val", "test", "test_unseen")}
+    assert used == 2 and len(people["test_unseen"]) == 4
+    assert not any(u == t for u in people["test_unseen"] for t in people["train"])
+    assert all(t in people["train"] for t in people["test"] + people["val"])
+
+
+def test_more_videos_than_windows_makes_one_video_per_window(tmp_path):
+    """--train_videos above the number of windows (48 frames: 3 windows of 16, 5 videos asked)
+    gives 3 videos of one window, not 5 with 2 empty ones in videos.json."""
+    mdd.make_dataset(tmp_path / "d", train_frames=48, val_frames=4, test_seqs=0, test_len=4, height=32, width=64,
+                     window=16, train_videos=5, unseen_seqs=0, progress=False)
+    manifest = json.loads((tmp_path / "d" / "train" / "videos.json").read_text())
+    assert manifest["video_lengths"] == [16, 16, 16] and len(manifest["dancer_ids"]) == 3
+    assert json.loads((tmp_path / "d" / mdd.MARKER).read_text())["splits"]["train"] == {"frames": 48, "videos": 3}

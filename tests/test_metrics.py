@@ -32,3 +32,13 @@ def test_drift_compares_the_first_and_last_frames():
     assert drift([1.0, 2.0, 3.0, 4.0, 5.0]) == (2, 1.5, 4.5)  # at most half a short curve
     k, first, last = drift(list(range(629)))
     assert (k, first, last) == (100, 49.5, 578.5)
+
+
+def test_psnr_data_range_is_the_peak_value():
+    """PSNR = 10 log10(peak^2 / MSE): on 8-bit values (data_range 255) an MSE of one level is
+    10 log10(255^2) = 48.13 dB, the same as on [0, 1] values scaled by 1/255."""
+    target = torch.full((1, 3, 4, 4), 100.0)
+    pred = target + 1.0  # MSE 1 level^2
+    expected = 20 * math.log10(255)
+    torch.testing.assert_close(psnr(pred, target, data_range=255), torch.tensor([expected]))
+    torch.testing.assert_close(psnr(pred / 255, target / 255), torch.tensor([expected]))
