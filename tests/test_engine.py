@@ -196,3 +196,60 @@ def test_grad_clip_scales_the_gradient_to_its_norm():
         assert torch.allclose(a, b * (c / n), rtol=1e-4, atol=1e-12)
     # a clip above the norm leaves the gradient as it is
     assert _norm(_step_grads(2 * n)) == pytest.approx(n, rel=1e-5)
+
+
+def test_each_epoch_trains_with_its_beta_and_teacher_forcing():
+    """beta and teacher forcing reach the model as the lab's schedules set them per epoch, and the
+    epoch's row reports them: Monotonic over 4 epochs with --kl_anneal_ratio 0.5 rises by
+    1 / (4 x 0.5) per epoch, 0, 0.5, 1, 1; --tfr 1 drops by --tfr_d_step 0.5 after each epoch from
+    the first, 1, 0.5, 0, 0, and at 1 every step is teacher-forced, at 0 none is (one coin a step)."""
+    args = _args("--scheduler", "none", "--batch_size", "1", "--num_epoch", "4", "--kl_anneal_type", "Monotonic",
+                 "--kl_anneal_ratio", "0.5", "--tfr", "1", "--tfr_sde", "1", "--tfr_d_step", "0.5",
+                 "--tf_mode", "step")
+    data = _Data([12], T=3)  # 4 windows: 4 steps of 1
+    model = _model()
+    seen = []
+    model.register_forward_pre_hook(lambda m, a, kw: seen.append((a[2], kw["beta"])), with_kwargs=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches = WindowBatches(data, 1, CPU, seed=args.seed)
+    want_beta, want_tfr = [0.0, 0.5, 1.0], [1.0, 0.5, 0.0]  # (epoch 4 repeats epoch 3's)
+    for epoch in range(3):
+        seen.clear()
+        metrics, finished, _ = train_one_epoch(model, opt, batches, epoch, args, _speed(),
+                                               list(model.named_parameters()))
+        assert finished and len(seen) == 4
+        assert [beta for _, beta in seen] == pytest.approx([want_beta[epoch]] * 4)
+        assert metrics["beta"] == pytest.approx(want_beta[epoch]) and metrics["tfr"] == pytest.approx(want_tfr[epoch])
+        if want_tfr[epoch] in (0.0, 1.0):
+            assert [tf for tf, _ in seen] == [want_tfr[epoch] == 1.0] * 4, epoch
+        # the loss the model was trained on: the error plus this epoch's beta times the KL
+        assert metrics["loss"] == pytest.approx(metrics["mse"] + want_beta[epoch] * metrics["kl"], rel=1e-5)
+        assert epoch == 0 or metrics["kl"] > 0  # (so that a wrong beta shows in the loss)
+
+
+def test_a_resumed_epoch_counts_the_steps_skipped_before_its_stop(monkeypatch):
+    """An epoch stopped and resumed reports every skipped step in its row: step 2 a spike (its loss,
+    so its gradient, 1e4 times the first step's), step 3 a NaN loss, a stop before step 4, then the
+    resume trains step 4. The row counts 1 spike, 1 NaN step and 2 updates."""
+    from modules.engine import SpikeGuard
+    monkeypatch.setattr(SpikeGuard, "WARMUP", 1)  # the first update is the reference
+    args = _args("--scheduler", "none", "--batch_size", "1", "--num_epoch", "1")
+    data = _Data([12], T=3)  # 4 windows: 4 steps of 1
+    model = _model()
+    calls = []
+
+    def scaled(m, a, out):
+        calls.append(1)
+        return dict(out, loss=out["loss"] * {2: 1e4, 3: math.nan}.get(len(calls), 1.0))
+    model.register_forward_hook(scaled)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    batches, params = WindowBatches(data, 1, CPU, seed=args.seed), list(model.named_parameters())
+    stops = iter(range(100))
+    with pytest.warns(UserWarning, match="non-finite"):
+        _, finished, progress = train_one_epoch(model, opt, batches, 0, args, _speed(), params,
+                                                should_stop=lambda: next(stops) >= 3)
+    assert not finished and progress["step"] == 3 and len(calls) == 3
+    assert (progress["spikes_skipped"], progress["nan_skipped"]) == (1, 1)
+    metrics, finished, _ = train_one_epoch(model, opt, batches, 0, args, _speed(), params, resume=progress)
+    assert finished and len(calls) == 4
+    assert (metrics["spikes_skipped"], metrics["nan_skipped"], metrics["steps"]) == (1, 1, 2)

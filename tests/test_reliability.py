@@ -8,6 +8,7 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import queue
 import random
@@ -244,6 +245,28 @@ def test_resuming_a_finished_run_says_so_and_writes_nothing(baseline, tmp_path, 
     assert capsys.readouterr().out == f"all 3 epochs of {last} are done; raise --num_epoch above 3 to train more\n"
 
 
+def test_a_resume_keeps_this_machines_and_this_commands_own_flags(tmp_path):
+    """A resume takes the run's flags from its checkpoint, except the flags given on its command
+    line and those of the machine or the invocation (README: --device, --gpu, --num_workers,
+    --no_cache, --log_every; --save_root, --overwrite, --test, ...): a run started on cuda:3 and
+    resumed on a CPU-only machine was sent to cuda:3, and a resume took the run's --overwrite."""
+    path = tmp_path / "last.ckpt"
+    stored = {"device": "cuda:3", "gpu": 2, "num_workers": 9, "no_cache": True, "log_every": 3,
+              "save_root": "elsewhere", "overwrite": True, "test": True, "resume": "x", "ckpt_path": "y",
+              "lr": 0.5, "tfr_sde": 7, "per_save": 4, "val_every": 2, "kl_anneal_type": "Full_KL",
+              "tf_mode": "frame", "skip_spikes": 0.0, "max_nan_steps": 9, "fast_train": True}
+    save_checkpoint(path, {"model": {"w": torch.zeros(1)}, "args": stored})
+    argv = ["--ckpt_path", str(path), "--per_save", "5"]
+    args = Trainer.trainer_parser().parse_args(argv)
+    Trainer.adopt_run_args(args, argv)
+    assert (args.device, args.gpu, args.num_workers, args.no_cache, args.log_every) == (None, 1, None, False, 20)
+    assert (args.save_root, args.overwrite, args.test, args.resume, args.ckpt_path) == \
+        (None, False, False, None, str(path))
+    assert (args.lr, args.tfr_sde, args.val_every, args.kl_anneal_type, args.tf_mode, args.skip_spikes,
+            args.max_nan_steps, args.fast_train) == (0.5, 7, 2, "Full_KL", "frame", 0.0, 9, True)
+    assert args.per_save == 5  # given here
+
+
 # ----------------------------------------------------------------------------- NaN / Inf
 
 def test_nonfinite_steps_are_skipped_counted_and_a_streak_stops_the_run(dr, tmp_path, monkeypatch, capsys):
@@ -304,6 +327,22 @@ def test_a_resume_at_an_epoch_boundary_keeps_the_streak_of_bad_steps(dr, tmp_pat
         rc = Trainer.main(["--resume", run, "--num_epoch", "4"])
     assert rc == 2
     assert "4 consecutive non-finite losses at epoch 3" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--per_save", "0"], "--per_save must be positive, got 0"),
+    (["--val_every", "0"], "--val_every must be positive, got 0"),
+    (["--val_every", "-2"], "--val_every must be positive, got -2"),
+    (["--max_nan_steps", "0"], "--max_nan_steps must be positive, got 0"),
+    (["--log_every", "0"], "--log_every must be positive, got 0"),
+])
+def test_training_control_flags_out_of_range_are_one_line(dr, tmp_path, capsys, flags, message):
+    """Refused before any work: --per_save 0 or --val_every 0 divided by zero after the first
+    epoch's training (a traceback, the epoch lost)."""
+    run = tmp_path / "run"
+    assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "1", *flags, "--save_root", str(run)]) == 2
+    assert message in error_line(capsys.readouterr().err)
+    assert not run.exists()
 
 
 def test_a_real_divergence_stops_with_a_message(dr, tmp_path, capsys):
@@ -414,6 +453,22 @@ def test_small_errors_after_a_spike_are_measured_exactly(dr, tmp_path, monkeypat
     assert all(0 < w < 1 for i, w in enumerate(windows) if i not in (2, 4))  # none lost to rounding
     assert Trainer.spike_note("mse", 1.0, 0.0, 30.0, run, "x") is None  # no scale to compare with
     assert sum(l.startswith("note: the last step's training mse") for l in capsys.readouterr().out.splitlines()) == 1
+
+
+def test_a_divergence_by_steps_of_10x_is_told(dr, tmp_path, monkeypatch, capsys):
+    """The note compares a window with the lowest window so far, not with the one before it: an
+    error growing 10x a step (each window only 10x its predecessor) is 1000x the lowest by step 6."""
+    forward, calls = VAE_Model.forward, []
+
+    def growing(self, *a, **kw):
+        out = forward(self, *a, **kw)
+        calls.append(1)
+        return dict(out, recon=out["recon"] * 10.0 ** max(0, len(calls) - 3))  # the loss trains as before
+    monkeypatch.setattr(VAE_Model, "forward", growing)
+    assert Trainer.main(["--DR", dr, *SHORT, "--partial", "0.5", "--num_epoch", "1", "--log_every", "1",
+                         "--save_root", str(tmp_path / "run")]) == 0  # 6 steps: 1, 1, 1, 10, 100, 1000 x
+    notes = [l for l in capsys.readouterr().out.splitlines() if "training diverged" in l]
+    assert len(notes) == 1 and notes[0].startswith("note: the last step's training mse"), notes
 
 
 def scaled_training_steps(monkeypatch, scale):
@@ -697,6 +752,53 @@ def test_a_first_epoch_stopped_before_its_checkpoint_is_logged_once(dr, tmp_path
     assert events(run) == [1, 2] and [r["epoch"] for r in rows(run)] == [1, 2]
 
 
+def scalars(run, tag):
+    """(epoch, value) of every point TensorBoard shows for `tag` in a run folder."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(run, size_guidance={"scalars": 0})
+    acc.Reload()
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def test_rows_and_tensorboard_hold_each_epochs_schedule_values(baseline):
+    """RUN's schedules, by hand: Monotonic beta over 3 epochs (ratio 1) rises by 1/3 an epoch; tfr 1
+    drops by 0.4 after every epoch from the first; an epoch's lr is its last step's (6 steps), cosine
+    with 1 epoch of warm-up from 1e-3 down to 0 over the 2 after it. metrics.jsonl and TensorBoard
+    show each epoch's values, and the loss is the error plus that epoch's beta times the KL."""
+    beta, tfr = [0.0, 1 / 3, 2 / 3], [1.0, 0.6, 0.2]
+    lr = [1e-3 * (5 / 6 + 1e-3) / (1 + 1e-3)] + [1e-3 * 0.5 * (1 + math.cos(math.pi * t)) for t in (5 / 12, 11 / 12)]
+    got = rows(baseline)
+    assert [r["beta"] for r in got] == pytest.approx(beta) and [r["tfr"] for r in got] == pytest.approx(tfr)
+    assert [r["lr"] for r in got] == pytest.approx(lr, rel=1e-9)
+    assert [r["steps"] for r in got] == [6, 6, 6]
+    for r, b in zip(got, beta):
+        assert r["loss"] == pytest.approx(r["mse"] + b * r["kl"], rel=1e-5)
+    for tag, key in (("train/loss", "loss"), ("train/mse", "mse"), ("train/kl", "kl"), ("train/beta", "beta"),
+                     ("train/tfr", "tfr"), ("train/lr", "lr"), ("val/psnr", "val_psnr"), ("val/loss", "val_loss")):
+        points = scalars(baseline, tag)
+        assert [step for step, _ in points] == [1, 2, 3], tag
+        assert [v for _, v in points] == pytest.approx([r[key] for r in got], rel=1e-6), tag  # (float32)
+
+
+def test_checkpoints_and_validations_follow_per_save_and_val_every(dr, tmp_path):
+    """--per_save 2 --val_every 3 over 4 epochs: epoch_2.ckpt and epoch_4.ckpt, validations after
+    epochs 3 and 4 (the last epoch is always validated), best.ckpt the better of the two."""
+    run = str(tmp_path / "run")
+    assert Trainer.main(["--DR", dr, *SHORT, "--num_epoch", "4", "--per_save", "2", "--val_every", "3",
+                         "--save_root", run]) == 0
+    assert sorted(n for n in os.listdir(run) if n.endswith(".ckpt")) == \
+        ["best.ckpt", "epoch_2.ckpt", "epoch_4.ckpt", "last.ckpt"]
+    assert [load_checkpoint(os.path.join(run, n))["epoch"] for n in ("epoch_2.ckpt", "epoch_4.ckpt", "last.ckpt")] \
+        == [2, 4, 4]
+    got = rows(run)
+    assert [r["epoch"] for r in got] == [1, 2, 3, 4]
+    assert ["val_psnr" in r for r in got] == [False, False, True, True]
+    assert events(run, "val/psnr") == [3, 4] and events(run) == [1, 2, 3, 4]
+    best = load_checkpoint(os.path.join(run, "best.ckpt"))
+    psnr = {r["epoch"]: r["val_psnr"] for r in got[2:]}
+    assert best["best_psnr"] == max(psnr.values()) and psnr[best["epoch"]] == best["best_psnr"]
+
+
 def test_out_of_memory_in_validation_keeps_the_epoch(dr, tmp_path, monkeypatch, capsys):
     """Validation that runs out of memory: the trained epoch is saved (its row without val_psnr),
     and one line names the resume command with a shorter validation."""
@@ -942,6 +1044,25 @@ def test_overwrite_with_another_runs_checkpoint_starts_a_clean_folder(baseline, 
     assert not (run / "epoch_3.ckpt").exists() and not (run / "epoch_1.ckpt").exists()
     assert [r["epoch"] for r in rows(str(run))] == [2]
     assert load_checkpoint(str(run / "best.ckpt"))["epoch"] == 2
+
+
+def test_overwrite_removes_exactly_the_files_a_run_writes(tmp_path, capsys):
+    """--overwrite deletes what a run writes in its save_root (checkpoints, metrics.jsonl, event
+    files, --store_visualization's GIFs and PNGs), never the --ckpt_path it starts from, nor files
+    whose names only look alike, nor anything in subfolders."""
+    from types import SimpleNamespace
+    run = tmp_path / "run"
+    (run / "old").mkdir(parents=True)
+    gone = ["best.ckpt", "epoch_12.ckpt", "events.out.tfevents.1700000000.host.1.0", "last.ckpt", "metrics.jsonl",
+            "val_epoch3.gif", "val_psnr_epoch3.png"]
+    kept = ["args.json", "epoch_3.ckpt", "epoch_x.ckpt", "last.ckpt.bak", "metrics.jsonl.old", "mine.ckpt", "notes.txt",
+            "old", "val_epoch.gif", "val_psnr_epoch3.png.txt"]
+    for name in gone + kept[:-3] + kept[-2:]:
+        (run / name).write_text("x")
+    (run / "old" / "last.ckpt").write_text("x")
+    Trainer.remove_previous_run(SimpleNamespace(save_root=str(run), ckpt_path=str(run / "epoch_3.ckpt")))
+    assert sorted(os.listdir(run)) == sorted(kept) and os.listdir(run / "old") == ["last.ckpt"]
+    assert f"--overwrite: removed the previous run's {', '.join(gone)} from {run}" in capsys.readouterr().out
 
 
 def test_a_run_continued_in_another_folder_writes_its_own_best(baseline, dr, tmp_path, capsys):

@@ -98,3 +98,34 @@ def test_a_kl_ratio_over_one_is_told_how_high_beta_gets():
     assert max(kl_beta(e, "Cyclical", 70, 10, 2.0) for e in range(70)) == pytest.approx(6 / 14)
     assert "beta reaches at most 0.43" in kl_schedule_note("Cyclical", 70, 10, 2.0)
     assert "beta reaches at most 0.45" in kl_schedule_note("Monotonic", 10, 1, 2.0)  # 9/20 in the last epoch
+
+
+def test_each_epoch_flips_a_coin_of_its_own():
+    """The lab flips one teacher-forcing coin per epoch: at ratio 0.5 about half of a run's epochs
+    are teacher-forced. A stream seeded by the seed alone gave every epoch the same coin, so a run
+    was teacher-forced throughout or never."""
+    for seed in (0, 1, 7):
+        coins = [TeacherForcingCoins(seed, e, 0.5).epoch_coin for e in range(400)]
+        assert 0.4 < sum(coins) / 400 < 0.6, seed
+        # per step too: the first step of each epoch draws from that epoch's stream
+        firsts = [TeacherForcingCoins(seed, e, 0.5, "step").draw(15) for e in range(400)]
+        assert 0.4 < sum(firsts) / 400 < 0.6, seed
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tfr_d_step", "1.5"], "--tfr_d_step must lie in [0, 1], got 1.5"),
+    (["--tfr_d_step", "-0.1"], "--tfr_d_step must lie in [0, 1], got -0.1"),  # a ratio rising above --tfr
+    (["--tfr_sde", "-1"], "--tfr_sde"),
+    (["--fast_train", "--fast_partial", "0"], "--fast_partial must lie in (0, 1], got 0.0"),
+    (["--fast_train", "--fast_partial", "1.5"], "--fast_partial must lie in (0, 1], got 1.5"),
+    (["--fast_train", "--fast_train_epoch", "0"], "--fast_train_epoch must be positive, got 0"),
+    (["--kl_anneal_cycle", "0"], "--kl_anneal_cycle must be positive, got 0"),  # a division by 0 in the schedule
+    (["--scheduler", "step", "--step_size", "0"], "--step_size must be positive, got 0"),
+    (["--warmup_epochs", "-1"], "--warmup_epochs must be >= 0"),
+])
+def test_schedule_flags_out_of_range_are_refused(flags, message):
+    from modules.options import ConfigError, check_trainer, trainer_parser
+    args = trainer_parser().parse_args(["--device", "cpu", *flags])
+    with pytest.raises(ConfigError) as e:
+        check_trainer(args)
+    assert message in str(e.value)
